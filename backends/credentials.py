@@ -1,0 +1,54 @@
+"""Hugging Face tokens for gated models.
+
+Sources, in clembench's order: ``key.json`` in the working directory, then
+``~/.clemcore/key.json`` (``{"huggingface": {"api_key": "..."}}``), then the
+``HF_TOKEN`` environment variable. The token itself is never logged; messages
+name only where it was looked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from backends.errors import CredentialsError
+
+logger = logging.getLogger(__name__)
+
+
+def key_file_locations(cwd: Path | None = None, home: Path | None = None) -> list[Path]:
+    return [(cwd or Path.cwd()) / "key.json", (home or Path.home()) / ".clemcore" / "key.json"]
+
+
+def huggingface_token(cwd: Path | None = None, home: Path | None = None) -> str:
+    """The Hugging Face token for a gated model, or ``CredentialsError`` saying where we looked."""
+    locations = key_file_locations(cwd, home)
+    for path in locations:
+        if not path.is_file():
+            continue
+        try:
+            keys = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            logger.warning("cannot read %s: %s", path, type(exc).__name__)
+            continue
+        section = keys.get("huggingface") if isinstance(keys, dict) else None
+        token = section.get("api_key") if isinstance(section, dict) else None
+        if isinstance(token, str) and token:
+            logger.debug("using the Hugging Face token from %s", path)
+            return token
+    token = os.environ.get("HF_TOKEN", "")
+    if token:
+        logger.debug("using the Hugging Face token from HF_TOKEN")
+        return token
+    where = ", ".join(str(p) for p in locations)
+    raise CredentialsError(
+        "This model is gated (requires_api_key is true) but no Hugging Face token was found: "
+        f'put {{"huggingface": {{"api_key": "hf_..."}}}} in one of {where}, or set HF_TOKEN'
+    )
+
+
+def token_for(spec_requires_key: bool) -> str | None:
+    """The token when the entry says it needs one, else ``None`` (anonymous access)."""
+    return huggingface_token() if spec_requires_key else None

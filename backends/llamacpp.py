@@ -1,0 +1,187 @@
+"""The ``llamacpp`` backend: GGUF models through llama-cpp-python."""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import random
+import threading
+from collections.abc import Generator
+from typing import Any
+
+from backends.credentials import token_for
+from backends.errors import ModelLoadError
+from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from backends.prompting import choose_chat_template
+from backends.registry import parse_context_size
+from backends.weights import WeightFiles, find_weight_files
+
+logger = logging.getLogger(__name__)
+
+
+def gpu_offload_supported() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def requested_gpu_layers(spec: Any, gpu_available: bool) -> int:
+    """``n_gpu_layers`` for an entry: ``execute_on`` first, then ``gpu_layers_offloaded``, else all on a GPU build.
+
+    -1 means every layer (llama.cpp's convention).
+    """
+    execute_on = spec.get("execute_on")
+    if execute_on == "gpu":
+        return -1
+    if execute_on == "cpu":
+        return 0
+    if "gpu_layers_offloaded" in spec:
+        return int(spec["gpu_layers_offloaded"])
+    return -1 if gpu_available else 0
+
+
+def ensure_single_bos(token_ids: list[int], bos_id: int, add_bos: bool) -> list[int]:
+    """Exactly one leading BOS when the model wants one or the template rendered one; never two."""
+    if bos_id < 0:
+        return token_ids
+    if add_bos and token_ids[:1] != [bos_id]:
+        token_ids = [bos_id, *token_ids]
+    while token_ids[:2] == [bos_id, bos_id]:
+        token_ids = token_ids[1:]
+    return token_ids
+
+
+class LlamaCppModel(Model):
+    backend_name = "llamacpp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._llm: Any = None
+        self._files: WeightFiles | None = None
+        self._info: dict[str, Any] = {}
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._llm is not None
+
+    def load(self) -> None:
+        from llama_cpp import Llama
+
+        files = find_weight_files(self.spec, token_for(bool(self.spec.get("requires_api_key"))))
+        gpu = gpu_offload_supported()
+        n_gpu_layers = requested_gpu_layers(self.spec, gpu)
+        warnings = []
+        if n_gpu_layers != 0 and not gpu:
+            warnings.append("GPU offload requested, but this llama.cpp build has no GPU support: running on CPU")
+            logger.warning("%s: %s", self.name, warnings[-1])
+        explicit_ctx = self.spec.get("context_size")
+        n_ctx = parse_context_size(explicit_ctx) if explicit_ctx is not None else self.options.context_size
+        logger.info("%s: loading %s (n_gpu_layers=%d, n_ctx=%d)", self.name, files.main, n_gpu_layers, n_ctx)
+        try:
+            llm = Llama(model_path=str(files.main), n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"llama.cpp could not load {files.main}: {exc}") from exc
+        n_ctx_train = llm._model.n_ctx_train()
+        # llama.cpp may round n_ctx up; the window we enforce is what was asked for. An explicit context_size is
+        # the operator's call; the server default never exceeds what the model was trained on.
+        self.context_size = (
+            min(n_ctx, llm.n_ctx()) if explicit_ctx is not None else min(n_ctx, llm.n_ctx(), n_ctx_train)
+        )
+
+        metadata = llm.metadata
+        bos_token = self._special_token_text(llm, metadata, "bos", "bos_string")
+        eos_token = self._special_token_text(llm, metadata, "eos", "eos_string")
+        self.chat_template = choose_chat_template(
+            self.spec, metadata.get("tokenizer.chat_template"), bos_token=bos_token, eos_token=eos_token
+        )
+        architecture = metadata.get("general.architecture", "")
+        n_layers = int(metadata.get(f"{architecture}.block_count", 0) or 0)
+        self._llm = llm
+        self._files = files
+        self._info = {
+            "file": str(files.main),
+            "weights_from": files.origin,
+            "context_size": self.context_size,
+            "context_size_trained": n_ctx_train,
+            "chat_template": self.chat_template.origin,
+            "gpu_offload_supported": gpu,
+            "n_gpu_layers_requested": n_gpu_layers,
+            # llama.cpp offloads the repeating layers plus the output layer: n_layers + 1 in all.
+            "layers_total": n_layers + 1 if n_layers else None,
+            "layers_on_gpu": (n_layers + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layers + 1))
+            if gpu and n_layers
+            else 0,
+            "device": "gpu" if gpu and n_gpu_layers != 0 else "cpu",
+            "model_bytes": llm._model.size(),
+            "parameters": llm._model.n_params(),
+            "warnings": warnings,
+        }
+        logger.info("%s: loaded (%s template, context %d)", self.name, self.chat_template.origin, self.context_size)
+
+    def _special_token_text(self, llm: Any, metadata: dict[str, str], which: str, registry_key: str) -> str:
+        """The BOS/EOS text the template sees: the file's own token, else the entry's bos_string/eos_string."""
+        token_id = metadata.get(f"tokenizer.ggml.{which}_token_id")
+        if token_id is not None and int(token_id) >= 0:
+            return str(llm._model.token_get_text(int(token_id)))
+        return str(self.spec.get(registry_key, ""))
+
+    def load_info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def unload(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.close()
+        self.chat_template = None
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        llm = self._require_loaded()
+        token_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return ensure_single_bos(token_ids, llm.token_bos(), llm._model.add_bos_token())
+
+    def generate_tokens(
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome
+    ) -> Generator[str, None, None]:
+        import llama_cpp
+
+        llm = self._require_loaded()
+        # Without an explicit seed llama-cpp-python reuses one fixed seed; draw a fresh one so sampling varies.
+        llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        history = list(prompt.token_ids)
+        outcome.finish_reason = "length"
+        if prompt.max_tokens <= 0:
+            return
+        # OpenAI semantics: temperature and top_p only, so top_k and min_p are switched off.
+        tokens = llm.generate(
+            prompt.token_ids,
+            temp=params.temperature,
+            top_p=params.top_p,
+            top_k=0,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            reset=True,
+        )
+        try:
+            for token in tokens:
+                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                    outcome.finish_reason = "stop"
+                    break
+                piece = llm.detokenize([token], prev_tokens=history, special=False)
+                history.append(token)
+                outcome.completion_tokens += 1
+                text = decoder.decode(piece)
+                if text:
+                    yield text
+                if outcome.completion_tokens >= prompt.max_tokens or cancel.is_set():
+                    break
+        finally:
+            tokens.close()
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def _require_loaded(self) -> Any:
+        if self._llm is None:
+            raise RuntimeError(f"{self.name} is not loaded")
+        return self._llm

@@ -1,0 +1,154 @@
+"""The model contract every backend implements, and the generation types it uses.
+
+A backend supplies loading, tokenising and raw token-by-token generation. The
+parts that must behave the same on every backend (prompt rendering, the
+context-length check, output cleaning, usage bookkeeping) live here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from backends.cleaning import OutputCleaner
+from backends.errors import ContextLengthExceededError
+from backends.prompting import ChatTemplate
+from backends.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Server-wide settings a backend needs at load time."""
+
+    context_size: int = 4096  # used when the entry sets no context_size; capped at the model's own
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Backend-neutral sampling settings (OpenAI semantics: temperature and top_p only)."""
+
+    max_tokens: int | None = None  # None: as many as fit the context window
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A rendered, tokenised prompt that fits the context window with room for ``max_tokens``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclass
+class GenerationOutcome:
+    """Filled in while a generation runs; read once it has finished."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "length"  # "stop" (end of sequence or stop string) or "length"
+
+
+class Model(ABC):
+    """One registry entry's model: load it, then generate from it."""
+
+    backend_name: ClassVar[str]
+
+    def __init__(self, spec: ModelSpec, options: LoadOptions | None = None) -> None:
+        self.spec = spec
+        self.options = options or LoadOptions()
+        self.chat_template: ChatTemplate | None = None
+        self.context_size: int = 0
+
+    @property
+    def name(self) -> str:
+        return str(self.spec["model_name"])
+
+    @abstractmethod
+    def load(self) -> None:
+        """Fetch (if needed) and load the weights; sets ``chat_template`` and ``context_size``."""
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Release the weights."""
+
+    @property
+    @abstractmethod
+    def is_loaded(self) -> bool: ...
+
+    @abstractmethod
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt, with exactly the special tokens the model expects."""
+
+    @abstractmethod
+    def generate_tokens(
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome
+    ) -> Generator[str, None, None]:
+        """Raw text pieces, one per generated token or so, stopping at end of sequence,
+        ``prompt.max_tokens`` or ``cancel``; updates ``outcome`` as it goes."""
+
+    def load_info(self) -> dict[str, Any]:
+        """What loading actually did (device, layers, context size...), for operators."""
+        return {
+            "context_size": self.context_size,
+            "chat_template": self.chat_template.origin if self.chat_template else None,
+        }
+
+    def render_prompt(
+        self, messages: Sequence[Mapping[str, Any]], template_kwargs: Mapping[str, Any] | None = None
+    ) -> str:
+        if self.chat_template is None:
+            raise RuntimeError(f"{self.name} is not loaded")
+        return self.chat_template.render(messages, extra=template_kwargs)
+
+    def prepare(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams) -> PreparedPrompt:
+        """Render and tokenise the prompt and check it fits; raises ``ContextLengthExceededError``."""
+        text = self.render_prompt(messages, params.template_kwargs)
+        token_ids = self.tokenize_prompt(text)
+        room = self.context_size - len(token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if room <= 0 or max_tokens > room:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.context_size} tokens. However, you requested "
+                f"{len(token_ids) + max(max_tokens, 0)} tokens ({len(token_ids)} in the messages, "
+                f"{max(max_tokens, 0)} in the completion). Please reduce the length of the messages or completion.",
+                prompt_tokens=len(token_ids),
+                max_tokens=max_tokens,
+                context_size=self.context_size,
+            )
+        return PreparedPrompt(text=text, token_ids=tuple(token_ids), max_tokens=max_tokens)
+
+    def generate(
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome
+    ) -> Iterator[str]:
+        """Cleaned text deltas; their concatenation is the same whether read as a stream or whole."""
+        cleaner = OutputCleaner(
+            stop=params.stop,
+            eos_to_cull=self.spec.get("eos_to_cull"),
+            output_split_prefix=self.spec.get("output_split_prefix"),
+        )
+        outcome.prompt_tokens = len(prompt.token_ids)
+        pieces = self.generate_tokens(prompt, params, cancel, outcome)
+        try:
+            for piece in pieces:
+                delta = cleaner.feed(piece)
+                if delta:
+                    yield delta
+                if cleaner.stopped:
+                    outcome.finish_reason = "stop"
+                    break
+        finally:
+            pieces.close()  # ends the backend's generation loop when we stop early
+        tail = cleaner.finish()
+        if tail:
+            yield tail

@@ -1,0 +1,128 @@
+"""Chat-template rendering shared by every backend.
+
+Templates run in the same sandboxed Jinja2 environment transformers uses for
+``apply_chat_template`` (trim_blocks, lstrip_blocks, loop controls,
+``raise_exception``, ``tojson``, ``strftime_now``), so a template from a
+tokenizer config, a GGUF file or a registry entry renders the same way
+whichever backend serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, NoReturn
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from backends.errors import PromptRenderError
+
+logger = logging.getLogger(__name__)
+
+# Used when an entry has neither a premade nor a custom template. clembench
+# warns that this is "highly discouraged"; we render a plain, readable
+# transcript so that even such a model gets a usable prompt.
+GENERIC_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class TemplateRaisedError(Exception):
+    """Raised by a template's own ``raise_exception(...)``."""
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise TemplateRaisedError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson HTML-escapes; chat templates want the plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=1)
+def template_environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template; raises ``jinja2.TemplateSyntaxError`` when it is not valid Jinja2."""
+    return template_environment().from_string(source)
+
+
+class ChatTemplate:
+    """A compiled chat template plus the special-token strings it may reference."""
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", origin: str = "custom") -> None:
+        self.source = source
+        self.origin = origin  # "premade", "custom" or "generic": shown to operators, logged on load
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = compile_template(source)
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        variables = dict(extra or {})
+        variables.update(
+            messages=[dict(m) for m in messages],
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
+        try:
+            return self._template.render(**variables)
+        except TemplateRaisedError as exc:
+            raise PromptRenderError(f"the model's chat template rejected these messages: {exc}") from exc
+        except jinja2.TemplateError as exc:
+            raise PromptRenderError(f"the model's chat template failed to render: {exc}") from exc
+
+
+def choose_chat_template(
+    spec: Mapping[str, Any], premade: str | None, *, bos_token: str, eos_token: str
+) -> ChatTemplate:
+    """Pick the template a registry entry asks for, as clembench does.
+
+    ``premade_chat_template: true`` uses the model's own template; otherwise
+    ``custom_chat_template``; otherwise the generic fallback, with a warning.
+    """
+    name = spec.get("model_name", "?")
+    if spec.get("premade_chat_template"):
+        if premade:
+            return ChatTemplate(premade, bos_token=bos_token, eos_token=eos_token, origin="premade")
+        logger.warning("%s: premade_chat_template is true but the model ships no chat template", name)
+    custom = spec.get("custom_chat_template")
+    if custom:
+        return ChatTemplate(custom, bos_token=bos_token, eos_token=eos_token, origin="custom")
+    logger.warning(
+        "%s: no chat template (premade_chat_template is false and no custom_chat_template); "
+        "using the generic fallback template, which is likely to hurt this model's output",
+        name,
+    )
+    return ChatTemplate(GENERIC_CHAT_TEMPLATE, bos_token=bos_token, eos_token=eos_token, origin="generic")

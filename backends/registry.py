@@ -1,0 +1,414 @@
+"""The clembench model registry: reading, flattening and validating entries.
+
+Entries come in clembench's two layouts: backend keys flat on the entry (the
+layout the registry documentation describes) or nested under ``model_config``
+(the layout current clembench registries use). Both become one flat
+``ModelSpec``. Validation collects every problem of every entry at once; an
+invalid entry is kept, with its problems, so that it can be shown and refused
+by name rather than vanishing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+
+from backends.errors import InvalidModelEntryError, UnknownModelError, UnsupportedBackendError
+from backends.prompting import compile_template
+from backends.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_FILENAME = "model_registry.json"
+
+# Backends clemproxy runs, and the keys each one requires (clembench's registry documentation).
+MANDATORY_KEYS: dict[str, tuple[str, ...]] = {
+    "huggingface_local": ("huggingface_id", "premade_chat_template", "eos_to_cull"),
+    "llamacpp": ("huggingface_id", "filename", "premade_chat_template", "eos_to_cull"),
+}
+SERVED_BACKENDS = frozenset(MANDATORY_KEYS)
+
+# Backends clembench knows that talk to remote APIs or people; clembench registries
+# are full of them. They are valid entries that this server does not serve.
+CLEMBENCH_OTHER_BACKENDS = frozenset(
+    {
+        "openai",
+        "openai_compatible",
+        "anthropic",
+        "cohere",
+        "google",
+        "mistral",
+        "alephalpha",
+        "huggingface_multimodal",
+        "vllm",
+        "slurk",
+        "openrouter",
+        "_player_human",
+        "_player_programmed",
+    }
+)
+
+_GPU_CPU = ("gpu", "cpu")
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_str_or_str_list(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_layer_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= -1
+
+
+def _is_context_size(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value > 0
+    return isinstance(value, str) and re.fullmatch(r"\s*\d+\s*[kKmM]?\s*", value) is not None
+
+
+# Registry keys this server reads, with the type each must have.
+KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model_name": (_is_str, "a string"),
+    "backend": (_is_str, "a string"),
+    "huggingface_id": (_is_str, "a string (hub repo id or local directory)"),
+    "filename": (_is_str, "a string (file name or glob)"),
+    "additional_files": (_is_str_or_str_list, "a string or a list of strings"),
+    "premade_chat_template": (_is_bool, "true or false"),
+    "custom_chat_template": (_is_str, "a string (Jinja2 template)"),
+    "eos_to_cull": (_is_str, "a string (Python regular expression)"),
+    "output_split_prefix": (_is_str, "a string"),
+    "requires_api_key": (_is_bool, "true or false"),
+    "slow_tokenizer": (_is_bool, "true or false"),
+    "bos_string": (_is_str, "a string"),
+    "eos_string": (_is_str, "a string"),
+    "execute_on": (lambda v: v in _GPU_CPU, '"gpu" or "cpu"'),
+    "gpu_layers_offloaded": (_is_layer_count, "an integer >= -1 (-1 means all layers)"),
+    "context_size": (_is_context_size, 'a positive integer or a size like "8k"'),
+    "gguf_file": (_is_str, "a string (GGUF file name)"),
+    "python_package": (_is_str, "a string (name of an installed Python distribution)"),
+    "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
+    "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+}
+
+
+def parse_context_size(value: int | str) -> int:
+    """``8192``, ``"8k"`` or ``"1m"`` as a number of tokens (clembench's notation)."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    factor = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
+    return int(text.rstrip("km")) * factor
+
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: Severity
+    message: str
+    key: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.key}: " if self.key else ""
+        return f"{self.severity}: {where}{self.message}"
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One entry of one registry file, flattened, with everything wrong with it."""
+
+    spec: ModelSpec
+    source: str  # file path, or "<dict>" for entries not read from a file
+    index: int  # position in its file
+    problems: tuple[Problem, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        name = self.spec.get("model_name")
+        return name if isinstance(name, str) else f"<entry {self.index}>"
+
+    @property
+    def backend(self) -> str | None:
+        backend = self.spec.get("backend")
+        return backend if isinstance(backend, str) else None
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "warning")
+
+    @property
+    def is_valid(self) -> bool:
+        return not self.errors
+
+    @property
+    def is_served(self) -> bool:
+        """Valid, and for a backend this server runs."""
+        return self.is_valid and self.backend in SERVED_BACKENDS
+
+
+def flatten_entry(entry: Mapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """Merge ``model_config`` into the entry's top level; a key set differently in both is an error."""
+    flat = {k: v for k, v in entry.items() if k != "model_config"}
+    problems: list[Problem] = []
+    nested = entry.get("model_config")
+    if nested is None:
+        return flat, problems
+    if not isinstance(nested, Mapping):
+        problems.append(Problem("error", "must be an object holding backend keys", "model_config"))
+        return flat, problems
+    for key, value in nested.items():
+        if key in flat and flat[key] != value:
+            problems.append(
+                Problem("error", f"set both on the entry ({flat[key]!r}) and in model_config ({value!r})", key)
+            )
+            continue
+        flat[key] = value
+    return flat, problems
+
+
+def validate_entry(flat: Mapping[str, Any]) -> list[Problem]:
+    """Every problem of one flattened entry."""
+    problems: list[Problem] = []
+    for key in ("model_name", "backend"):
+        if key not in flat:
+            problems.append(Problem("error", "missing (mandatory for every entry)", key))
+    for key, value in flat.items():
+        check = KEY_TYPES.get(key)
+        if check is not None and not check[0](value):
+            problems.append(Problem("error", f"must be {check[1]}, got {value!r}", key))
+    if isinstance(flat.get("model_name"), str) and not flat["model_name"].strip():
+        problems.append(Problem("error", "must not be empty", "model_name"))
+
+    backend = flat.get("backend")
+    if isinstance(backend, str):
+        if backend in SERVED_BACKENDS:
+            for key in MANDATORY_KEYS[backend]:
+                if key not in flat:
+                    problems.append(Problem("error", f"missing (mandatory for backend {backend})", key))
+        elif backend not in CLEMBENCH_OTHER_BACKENDS:
+            known = ", ".join(sorted(SERVED_BACKENDS | CLEMBENCH_OTHER_BACKENDS))
+            problems.append(Problem("error", f"unknown backend {backend!r} (known: {known})", "backend"))
+
+    pattern = flat.get("eos_to_cull")
+    if isinstance(pattern, str):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(Problem("error", f"is not a valid Python regular expression: {exc}", "eos_to_cull"))
+
+    template = flat.get("custom_chat_template")
+    if isinstance(template, str):
+        try:
+            compile_template(template)
+        except jinja2.TemplateSyntaxError as exc:
+            problems.append(
+                Problem(
+                    "error",
+                    f"is not a valid Jinja2 template: {exc.message} (line {exc.lineno})",
+                    "custom_chat_template",
+                )
+            )
+
+    if (
+        backend in SERVED_BACKENDS
+        and flat.get("premade_chat_template") is False
+        and not flat.get("custom_chat_template")
+    ):
+        problems.append(
+            Problem(
+                "warning",
+                "premade_chat_template is false and there is no custom_chat_template: "
+                "the generic fallback template will be used",
+                "custom_chat_template",
+            )
+        )
+    if "execute_on" in flat and "gpu_layers_offloaded" in flat:
+        problems.append(
+            Problem(
+                "warning", "ignored because execute_on is set (execute_on takes precedence)", "gpu_layers_offloaded"
+            )
+        )
+    return problems
+
+
+def parse_entries(data: Any, source: str) -> tuple[list[RegistryEntry], list[Problem]]:
+    """Entries of one registry document, plus problems of the document itself."""
+    if isinstance(data, Mapping):
+        data = [data]  # clembench accepts a single entry object too
+    if not isinstance(data, list):
+        return [], [Problem("error", f"a registry must be a JSON list of entries, got {type(data).__name__}")]
+    entries: list[RegistryEntry] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(data):
+        if not isinstance(raw, Mapping):
+            problem = Problem("error", f"an entry must be a JSON object, got {type(raw).__name__}")
+            entries.append(RegistryEntry(ModelSpec(), source, index, (problem,), {}))
+            continue
+        flat, problems = flatten_entry(raw)
+        problems += validate_entry(flat)
+        name = flat.get("model_name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(
+                    Problem(
+                        "error", f"duplicate of entry {seen[name]} in the same file (the first one wins)", "model_name"
+                    )
+                )
+            else:
+                seen[name] = index
+        flat.setdefault("lookup_source", source)
+        entries.append(RegistryEntry(ModelSpec.from_dict(flat), source, index, tuple(problems), dict(raw)))
+    return entries, []
+
+
+class RegistryFileError(Exception):
+    """A registry file that cannot be read at all (missing, not JSON, not a list)."""
+
+
+def read_registry_file(path: Path) -> list[RegistryEntry]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RegistryFileError(f"{path}: cannot read registry file: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryFileError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+    entries, problems = parse_entries(data, str(path))
+    if problems:
+        raise RegistryFileError(f"{path}: {problems[0].message}")
+    return entries
+
+
+def bundled_registry_path() -> Path:
+    """The registry shipped with clemproxy.
+
+    A wheel carries it inside the ``backends`` package; a source checkout
+    (editable install) has it at the repository's top level.
+    """
+    packaged = resources.files("backends").joinpath(REGISTRY_FILENAME)
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / REGISTRY_FILENAME
+
+
+def registry_sources(registries: Iterable[Path] = (), cwd: Path | None = None) -> list[Path]:
+    """Registry files in lookup order: each given one, else ``./model_registry.json``; then the bundled one."""
+    given = [Path(p) for p in registries]
+    if not given:
+        local = (cwd or Path.cwd()) / REGISTRY_FILENAME
+        if local.is_file():
+            given = [local]
+    ordered: list[Path] = []
+    for path in [*given, bundled_registry_path()]:
+        if not any(_same_file(path, seen) for seen in ordered):
+            ordered.append(path)
+    return ordered
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+class ModelRegistry:
+    """All entries of all sources, in lookup order; the first entry with a name wins."""
+
+    def __init__(self, entries: Iterable[RegistryEntry], sources: Iterable[Path] = ()) -> None:
+        self.entries: list[RegistryEntry] = list(entries)
+        self.sources: list[Path] = list(sources)
+        self._first: dict[str, RegistryEntry] = {}
+        for entry in self.entries:
+            name = entry.spec.get("model_name")
+            if isinstance(name, str):
+                self._first.setdefault(name, entry)
+
+    @classmethod
+    def from_files(cls, paths: Iterable[Path]) -> ModelRegistry:
+        paths = list(paths)
+        entries: list[RegistryEntry] = []
+        for path in paths:
+            entries += read_registry_file(path)
+        return cls(entries, paths)
+
+    @classmethod
+    def from_sources(cls, registries: Iterable[Path] = (), cwd: Path | None = None) -> ModelRegistry:
+        return cls.from_files(registry_sources(registries, cwd))
+
+    @classmethod
+    def from_list(cls, entries: list[Any], source: str = "<dict>") -> ModelRegistry:
+        parsed, problems = parse_entries(entries, source)
+        if problems:
+            raise RegistryFileError(problems[0].message)
+        return cls(parsed)
+
+    def __iter__(self) -> Iterator[RegistryEntry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, model_name: str) -> RegistryEntry:
+        """The first entry named ``model_name``; ``UnknownModelError`` if there is none."""
+        try:
+            return self._first[model_name]
+        except KeyError:
+            raise UnknownModelError(
+                f"The model '{model_name}' does not exist in this server's model registry"
+            ) from None
+
+    def is_shadowed(self, entry: RegistryEntry) -> bool:
+        """True for an entry that an earlier one with the same name hides."""
+        return self._first.get(entry.name) is not entry
+
+    def resolve(self, model: str | Mapping[str, Any] | ModelSpec) -> ModelSpec:
+        """A servable spec for a name (or a partial spec unified with its entry), or a clear error."""
+        selector = ModelSpec.from_name(model) if isinstance(model, str) else ModelSpec.from_dict(model)
+        entry = self.lookup(selector["model_name"])
+        if entry.errors:
+            details = "; ".join(str(p) for p in entry.errors)
+            raise InvalidModelEntryError(f"The registry entry for '{entry.name}' is invalid: {details}")
+        if entry.backend not in SERVED_BACKENDS:
+            raise UnsupportedBackendError(
+                f"The model '{entry.name}' uses backend '{entry.backend}', which clemproxy does not serve "
+                f"(it serves: {', '.join(sorted(SERVED_BACKENDS))})"
+            )
+        try:
+            return selector.unify(entry.spec)
+        except ValueError as exc:
+            raise InvalidModelEntryError(
+                f"The request does not agree with the registry entry for '{entry.name}': {exc}"
+            ) from exc
+
+    def served(self) -> list[RegistryEntry]:
+        """The entries a request can reach and this server can run, in registry order."""
+        return [e for e in self.entries if not self.is_shadowed(e) and e.is_served]

@@ -1,0 +1,165 @@
+"""``/v1/chat/completions``: from a request to a completion or an SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from backends import BackendError, GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from proxy.errors import APIError
+from proxy.generation import generate_text
+from proxy.manager import ModelManager
+from proxy.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_FINGERPRINT = "clemproxy"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: role and a plain string content."""
+    converted = []
+    for index, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part_index, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(
+                        400,
+                        f"Content part type '{part.type}' is not supported; only 'text' parts are",
+                        param=f"messages[{index}].content[{part_index}].type",
+                        code="unsupported_content_type",
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        role = "system" if message.role == "developer" else message.role  # templates know "system", not "developer"
+        converted.append({"role": role, "content": content or ""})
+    return converted
+
+
+def generation_params(request: ChatCompletionRequest, spec: Mapping[str, Any]) -> GenerationParams:
+    """Request settings; sampling settings the request leaves out come from the entry, then OpenAI's defaults."""
+    if request.n not in (None, 1):
+        raise APIError(400, "Only n=1 is supported", param="n", code="unsupported_value")
+    stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=float(spec.get("temperature", 1.0)) if request.temperature is None else request.temperature,
+        top_p=float(spec.get("top_p", 1.0)) if request.top_p is None else request.top_p,
+        stop=tuple(stop),
+        seed=request.seed,
+        template_kwargs=dict(request.chat_template_kwargs or {}),
+    )
+
+
+def sse(event: Any) -> bytes:
+    return b"data: " + encode(event) + b"\n\n"
+
+
+class ChatCompletionService:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    async def prepare(self, request: ChatCompletionRequest) -> tuple[Model, PreparedPrompt, GenerationParams]:
+        """Everything that can fail before the first byte: lookup, load, template, context check."""
+        messages = message_dicts(request.messages)
+        model = await self.manager.get(request.model)
+        params = generation_params(request, model.spec)
+        prompt = await asyncio.to_thread(model.prepare, messages, params)
+        return model, prompt, params
+
+    async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
+        model, prompt, params = await self.prepare(request)
+        outcome = GenerationOutcome()
+        async with self.manager.running(model):
+            content = "".join([delta async for delta in generate_text(model, prompt, params, outcome)])
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=request.model,
+            choices=[
+                Choice(index=0, message=ChatCompletionMessage(content=content), finish_reason=outcome.finish_reason)
+            ],
+            usage=usage_of(outcome),
+            system_fingerprint=SYSTEM_FINGERPRINT,
+        )
+
+    async def stream(self, request: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        """Validate and prepare now (errors become HTTP errors), then return the SSE body."""
+        model, prompt, params = await self.prepare(request)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return self._events(request.model, model, prompt, params, include_usage)
+
+    async def _events(
+        self, name: str, model: Model, prompt: PreparedPrompt, params: GenerationParams, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def chunk(delta: Delta, finish_reason: str | None = None) -> bytes:
+            choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+            return sse(
+                ChatCompletionChunk(
+                    id=completion_id,
+                    created=created,
+                    model=name,
+                    choices=[choice],
+                    system_fingerprint=SYSTEM_FINGERPRINT,
+                )
+            )
+
+        outcome = GenerationOutcome()
+        try:
+            async with self.manager.running(model):
+                yield chunk(Delta(role="assistant", content=""))
+                async for delta in generate_text(model, prompt, params, outcome):
+                    yield chunk(Delta(content=delta))
+            yield chunk(Delta(), outcome.finish_reason)
+            if include_usage:
+                yield sse(
+                    ChatCompletionChunk(
+                        id=completion_id,
+                        created=created,
+                        model=name,
+                        choices=[],
+                        system_fingerprint=SYSTEM_FINGERPRINT,
+                        usage=usage_of(outcome),
+                    )
+                )
+        except BackendError as exc:
+            logger.warning("%s: generation failed mid-stream: %s", name, exc.message)
+            yield sse(APIError.from_backend(exc).body())
+        except Exception as exc:
+            logger.exception("%s: generation failed mid-stream", name)
+            yield sse(
+                APIError(
+                    500, f"Generation failed ({type(exc).__name__}); see the server log", code="internal_error"
+                ).body()
+            )
+        yield DONE_EVENT
+
+
+def usage_of(outcome: GenerationOutcome) -> Usage:
+    return Usage(
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+    )

@@ -1,0 +1,128 @@
+"""``clemproxy serve`` and ``clemproxy check``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from backends.registry import ModelRegistry, RegistryFileError, registry_sources
+from proxy.settings import Settings
+
+logger = logging.getLogger("clemproxy")
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CLEMPROXY_{name}", default)
+
+
+def _env_registries() -> list[Path]:
+    value = os.environ.get("CLEMPROXY_REGISTRY", "")
+    return [Path(p) for p in value.split(os.pathsep) if p]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clemproxy", description="OpenAI-compatible server for clembench model registries"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_registry(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--registry",
+            action="append",
+            type=Path,
+            default=None,
+            metavar="PATH",
+            help="registry file, repeatable, searched in order (env CLEMPROXY_REGISTRY, "
+            f"separated by '{os.pathsep}'); default ./model_registry.json, then the bundled one",
+        )
+
+    serve = commands.add_parser("serve", help="start the server")
+    add_registry(serve)
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (env CLEMPROXY_HOST)")
+    serve.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="port (env CLEMPROXY_PORT)")
+    serve.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=_env("LOG_LEVEL", "info").lower(),
+        help="log level (env CLEMPROXY_LOG_LEVEL)",
+    )
+    serve.add_argument(
+        "--context-size",
+        type=int,
+        default=int(_env("CONTEXT_SIZE", "4096")),
+        help="llama.cpp context size for entries without context_size (env CLEMPROXY_CONTEXT_SIZE)",
+    )
+
+    check = commands.add_parser("check", help="validate the registries and list every problem")
+    add_registry(check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    registries = tuple(args.registry if args.registry is not None else _env_registries())
+    if args.command == "check":
+        return check(registries)
+    return serve(
+        Settings(
+            registries=registries,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            context_size=args.context_size,
+        )
+    )
+
+
+def check(registries: Sequence[Path]) -> int:
+    """Print every problem, entry by entry; 0 when there are no errors."""
+    sources = registry_sources(registries)
+    errors = 0
+    for source in sources:
+        try:
+            registry = ModelRegistry.from_files([source])
+        except RegistryFileError as exc:
+            print(f"{exc}", file=sys.stdout)
+            errors += 1
+            continue
+        problems = [entry for entry in registry if entry.problems]
+        print(f"{source}: {len(registry)} entries, {sum(1 for e in registry if e.errors)} invalid")
+        for entry in problems:
+            print(f"  #{entry.index} {entry.name} ({entry.backend or 'no backend'}):")
+            for problem in entry.problems:
+                print(f"    {problem}")
+            errors += len(entry.errors)
+    print("OK" if not errors else f"{errors} error(s)")
+    return 0 if not errors else 1
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from proxy.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except RegistryFileError as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info(
+        "clemproxy on http://%s:%d/v1 (registries: %s)",
+        settings.host,
+        settings.port,
+        ", ".join(str(p) for p in registry_sources(settings.registries)),
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""HTTP routes: thin handlers over ``ChatCompletionService`` and the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath
+from litestar.response import Stream
+
+from backends import ModelRegistry
+from proxy.chat import ChatCompletionService
+from proxy.errors import APIError, from_decode_error
+from proxy.manager import ModelManager
+from proxy.protocol import ChatCompletion, ChatCompletionRequest, HealthStatus, ModelCard, ModelList
+
+
+def provide_manager(request: Request[Any, Any, Any]) -> ModelManager:
+    manager: ModelManager = request.app.state.manager
+    return manager
+
+
+def provide_registry(request: Request[Any, Any, Any]) -> ModelRegistry:
+    registry: ModelRegistry = request.app.state.registry
+    return registry
+
+
+def provide_chat_service(manager: NamedDependency[ModelManager]) -> ChatCompletionService:
+    return ChatCompletionService(manager)
+
+
+DEPENDENCIES = {
+    "manager": Provide(provide_manager, sync_to_thread=False),
+    "registry": Provide(provide_registry, sync_to_thread=False),
+    "chat_service": Provide(provide_chat_service, sync_to_thread=False),
+}
+
+
+def decode_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        return msgspec.json.decode(body, type=ChatCompletionRequest)
+    except msgspec.DecodeError as exc:
+        raise from_decode_error(exc) from None
+
+
+def model_card(name: str, created: int) -> ModelCard:
+    return ModelCard(id=name, created=created, owned_by="clemproxy")
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(
+        self, request: Request[Any, Any, Any], chat_service: NamedDependency[ChatCompletionService]
+    ) -> ChatCompletion | Stream:
+        # Decoded here rather than by Litestar so that every shape error names its field in OpenAI's envelope.
+        completion_request = decode_request(await request.body())
+        if completion_request.stream:
+            events = await chat_service.stream(completion_request)
+            # The content-type header is set directly: Litestar prefers the handler's JSON media type over the Stream's.
+            return Stream(
+                events,
+                headers={"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        return await chat_service.complete(completion_request)
+
+    @get("/models")
+    async def list_models(self, request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry]) -> ModelList:
+        created = int(request.app.state.started_at)
+        return ModelList(data=[model_card(entry.name, created) for entry in registry.served()])
+
+    @get("/models/{model_id:path}")
+    async def retrieve_model(
+        self, request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry], model_id: FromPath[str]
+    ) -> ModelCard:
+        name = model_id.lstrip("/")
+        if not any(entry.name == name for entry in registry.served()):
+            registry.lookup(name)  # 404 model_not_found for unknown names
+            raise APIError(
+                404,
+                f"The model '{name}' is in the registry but cannot be served here (invalid entry or "
+                "unsupported backend)",
+                param="model",
+                code="model_not_found",
+            )
+        return model_card(name, int(request.app.state.started_at))
+
+
+class HealthController(Controller):
+    path = "/health"
+
+    @get("/")
+    async def health(
+        self, registry: NamedDependency[ModelRegistry], manager: NamedDependency[ModelManager]
+    ) -> HealthStatus:
+        loaded = manager.loaded_names()
+        return HealthStatus(status="ok", models_in_registry=len(registry), models_loaded=len(loaded), loaded=loaded)

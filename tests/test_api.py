@@ -1,0 +1,235 @@
+"""The OpenAI API over a real server, with the real openai SDK, on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import SMOL, RunningServer, schema_validator
+
+COLORS = [{"role": "user", "content": "Name three colors."}]
+
+
+def complete(client: Any, model: str = SMOL, **kwargs: Any) -> Any:
+    kwargs.setdefault("messages", COLORS)
+    kwargs.setdefault("temperature", 0)
+    kwargs.setdefault("max_tokens", 40)
+    return client.chat.completions.create(model=model, **kwargs)
+
+
+def stream_chunks(client: Any, model: str = SMOL, **kwargs: Any) -> list[Any]:
+    return list(complete(client, model, stream=True, **kwargs))
+
+
+def streamed_text(chunks: list[Any]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_non_stream_answers_with_real_usage(openai_client: Any, openai_schemas: dict[str, Any]) -> None:
+    response = complete(openai_client)
+    schema_validator(openai_schemas, "CreateChatCompletionResponse").validate(response.model_dump(exclude_unset=True))
+    assert response.id.startswith("chatcmpl-")
+    assert response.model == SMOL
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert "Red" in choice.message.content or "red" in choice.message.content
+    assert "<|im_end|>" not in choice.message.content
+    assert choice.finish_reason == "stop"
+    assert response.usage.prompt_tokens > 20
+    assert 0 < response.usage.completion_tokens <= 40
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+@pytest.mark.parametrize("model", [SMOL, "smol-custom-template", "smol-cull-green", "smol-split"])
+def test_stream_equals_non_stream(openai_client: Any, model: str) -> None:
+    whole = complete(openai_client, model).choices[0].message.content
+    chunks = stream_chunks(openai_client, model)
+    assert streamed_text(chunks) == whole
+    assert whole  # something was generated and survived cleaning
+
+
+def test_stream_shape(openai_client: Any, openai_schemas: dict[str, Any]) -> None:
+    chunks = stream_chunks(openai_client, stream_options={"include_usage": True})
+    validator = schema_validator(openai_schemas, "CreateChatCompletionStreamResponse")
+    for chunk in chunks:
+        validator.validate(chunk.model_dump(exclude_unset=True))
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == "stop"
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.completion_tokens > 0
+
+
+def test_raw_stream_ends_with_done_and_has_no_event_lines(
+    api_server: RunningServer, openai_schemas: dict[str, Any]
+) -> None:
+    body = {"model": SMOL, "messages": COLORS, "temperature": 0, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{api_server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    validator = schema_validator(openai_schemas, "CreateChatCompletionStreamResponse")
+    for line in lines[:-1]:
+        validator.validate(json.loads(line[6:]))
+
+
+def test_max_tokens_gives_length(openai_client: Any) -> None:
+    response = complete(openai_client, max_tokens=3)
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 3
+    chunks = stream_chunks(openai_client, max_tokens=3)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_max_completion_tokens_is_honoured(openai_client: Any) -> None:
+    response = complete(openai_client, max_tokens=None, max_completion_tokens=2)
+    assert response.usage.completion_tokens == 2
+
+
+def test_stop_string_cuts_output(openai_client: Any) -> None:
+    full = complete(openai_client).choices[0].message.content
+    assert "Blue" in full
+    cut = complete(openai_client, stop=["Blue"])
+    assert cut.choices[0].message.content == full.split("Blue")[0]
+    assert cut.choices[0].finish_reason == "stop"
+    assert streamed_text(stream_chunks(openai_client, stop=["Blue"])) == full.split("Blue")[0]
+
+
+def test_eos_to_cull_and_output_split_prefix(openai_client: Any) -> None:
+    plain = complete(openai_client).choices[0].message.content
+    assert plain == "1. Red\n2. Blue\n3. Green"  # SmolLM2's greedy answer, which the next two entries clean
+    assert complete(openai_client, "smol-cull-green").choices[0].message.content == "1. Red\n2. Blue\n3. "
+    assert complete(openai_client, "smol-split").choices[0].message.content == "Blue\n3. Green"
+
+
+def test_same_seed_same_sample(openai_client: Any) -> None:
+    first = complete(openai_client, temperature=1.0, seed=1234).choices[0].message.content
+    second = complete(openai_client, temperature=1.0, seed=1234).choices[0].message.content
+    assert first == second
+
+
+def test_unknown_model_is_404(openai_client: Any) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        complete(openai_client, "no-such-model")
+    assert caught.value.status_code == 404
+    assert caught.value.code == "model_not_found"
+    assert caught.value.body["param"] == "model"
+
+
+def test_invalid_entry_is_400_naming_the_problem(openai_client: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(openai_client, "broken-entry")
+    assert caught.value.code == "invalid_model_entry"
+    assert "eos_to_cull" in caught.value.message
+
+
+def test_missing_weights_is_a_clear_error(openai_client: Any) -> None:
+    with pytest.raises(openai.InternalServerError) as caught:
+        complete(openai_client, "not-downloaded")
+    assert caught.value.code == "model_load_failed"
+    assert "nobody/not-in-cache-GGUF" in caught.value.message and "*Q4_0.gguf" in caught.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_length_exceeded_is_400_before_any_chunk(openai_client: Any, stream: bool) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(openai_client, "smol-small-context", max_tokens=100, stream=stream)
+    assert caught.value.code == "context_length_exceeded"
+    assert "128" in caught.value.message
+
+
+def post(server: RunningServer, content: bytes | str) -> httpx.Response:
+    return httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "model"),
+        (json.dumps({"model": SMOL}), "messages"),
+        (json.dumps({"model": SMOL, "messages": []}), "messages"),
+        (
+            json.dumps({"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}),
+            "max_tokens",
+        ),
+        (json.dumps({"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}), "temperature"),
+        (json.dumps({"model": SMOL, "messages": [{"role": "robot", "content": "hi"}]}), "messages[0].role"),
+        (
+            json.dumps({"model": SMOL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            "messages[0].content[0].type",
+        ),
+        (
+            json.dumps(
+                {"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}
+            ),
+            "stop",
+        ),
+    ],
+)
+def test_bad_input_is_400_in_openai_shape(api_server: RunningServer, body: bytes | str, param: str | None) -> None:
+    response = post(api_server, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+    assert httpx.get(f"{api_server.base_url}/health").status_code == 200  # still serving
+
+
+def test_text_content_parts_are_joined(openai_client: Any) -> None:
+    parts = [{"type": "text", "text": "Name three "}, {"type": "text", "text": "colors."}]
+    response = complete(openai_client, messages=[{"role": "user", "content": parts}])
+    assert response.choices[0].message.content == complete(openai_client).choices[0].message.content
+
+
+def test_unknown_fields_are_accepted(api_server: RunningServer) -> None:
+    body = {
+        "model": SMOL,
+        "messages": COLORS,
+        "max_tokens": 2,
+        "chat_template_kwargs": {"enable_thinking": False},
+        "some_vendor_field": {"x": 1},
+    }
+    assert post(api_server, json.dumps(body)).status_code == 200
+
+
+def test_unknown_route_is_404_envelope(api_server: RunningServer) -> None:
+    response = httpx.get(f"{api_server.base_url}/v1/nothing-here")
+    assert response.status_code == 404
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_models_lists_servable_entries(openai_client: Any, openai_schemas: dict[str, Any]) -> None:
+    models = openai_client.models.list()
+    schema_validator(openai_schemas, "ListModelsResponse").validate(
+        {"object": "list", "data": [m.model_dump() for m in models.data]}
+    )
+    names = [m.id for m in models.data]
+    assert names[0] == SMOL
+    assert "broken-entry" not in names
+    assert openai_client.models.retrieve(SMOL).id == SMOL
+    with pytest.raises(openai.NotFoundError):
+        openai_client.models.retrieve("no-such-model")
+
+
+def test_health_reports_loaded_models(api_server: RunningServer, openai_client: Any) -> None:
+    complete(openai_client, max_tokens=1)
+    health = httpx.get(f"{api_server.base_url}/health").json()
+    assert health["status"] == "ok"
+    assert SMOL in health["loaded"]
