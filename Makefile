@@ -14,7 +14,7 @@ PORT ?= 8000
 serve: $(VENV)/.installed
 	$(BIN)/clemproxy serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test

@@ -47,8 +47,3 @@ def huggingface_token(cwd: Path | None = None, home: Path | None = None) -> str:
         "This model is gated (requires_api_key is true) but no Hugging Face token was found: "
         f'put {{"huggingface": {{"api_key": "hf_..."}}}} in one of {where}, or set HF_TOKEN'
     )
-
-
-def token_for(spec_requires_key: bool) -> str | None:
-    """The token when the entry says it needs one, else ``None`` (anonymous access)."""
-    return huggingface_token() if spec_requires_key else None

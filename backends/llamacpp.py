@@ -9,7 +9,6 @@ import threading
 from collections.abc import Generator
 from typing import Any
 
-from backends.credentials import token_for
 from backends.errors import ModelLoadError
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
 from backends.prompting import choose_chat_template
@@ -67,7 +66,7 @@ class LlamaCppModel(Model):
     def load(self) -> None:
         from llama_cpp import Llama
 
-        files = find_weight_files(self.spec, token_for(bool(self.spec.get("requires_api_key"))))
+        files = find_weight_files(self.spec)
         gpu = gpu_offload_supported()
         n_gpu_layers = requested_gpu_layers(self.spec, gpu)
         warnings = []

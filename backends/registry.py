@@ -222,6 +222,17 @@ def validate_entry(flat: Mapping[str, Any]) -> list[Problem]:
             re.compile(pattern)
         except re.error as exc:
             problems.append(Problem("error", f"is not a valid Python regular expression: {exc}", "eos_to_cull"))
+        else:
+            if re.search(r"(?:^|[^\\])\|", pattern) and re.search(r"[<>]", pattern):
+                # clembench's documented pitfall: "<|im_end|>" unescaped means "<" or "im_end" or ">".
+                problems.append(
+                    Problem(
+                        "warning",
+                        f"{pattern!r} has an unescaped '|' next to a special-token-like string; it removes "
+                        'each alternative separately. Escape it, e.g. "<\\\\|im_end\\\\|>" in JSON',
+                        "eos_to_cull",
+                    )
+                )
 
     template = flat.get("custom_chat_template")
     if isinstance(template, str):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from backends.credentials import huggingface_token
 from backends.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -77,14 +78,18 @@ def _patterns(spec: Mapping[str, Any]) -> list[str]:
     return [extra] if isinstance(extra, str) else list(extra)
 
 
-def find_weight_files(spec: Mapping[str, Any], token: str | None = None) -> WeightFiles:
-    """Resolve ``filename`` (and ``additional_files``) to local files, downloading from the hub only if needed."""
+def find_weight_files(spec: Mapping[str, Any]) -> WeightFiles:
+    """Resolve ``filename`` (and ``additional_files``) to local files, downloading from the hub only if needed.
+
+    A gated entry (``requires_api_key``) needs its token only when the hub is asked.
+    """
     pattern = str(spec["filename"])
     if spec.get("python_package"):
         return _from_package(str(spec["python_package"]), pattern, _patterns(spec))
     directory = local_model_dir(spec)
     if directory is not None:
         return _from_directory(directory, pattern, _patterns(spec))
+    token = huggingface_token() if spec.get("requires_api_key") else None
     return _from_hub(str(spec["huggingface_id"]), pattern, _patterns(spec), token)
 
 
