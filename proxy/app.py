@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.datastructures import State
 
-from backends import LoadOptions, ModelRegistry
+from backends import LoadOptions, ModelRegistry, create_model
 from proxy.errors import EXCEPTION_HANDLERS
 from proxy.manager import ModelFactory, ModelManager
 from proxy.routes import DEPENDENCIES, HealthController, OpenAIController
@@ -37,9 +37,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         options = LoadOptions(context_size=settings.context_size)
-        manager = (
-            ModelManager(registry, options) if model_factory is None else ModelManager(registry, options, model_factory)
-        )
+        manager = ModelManager(registry, options, model_factory or create_model)
         app.state.manager = manager
         try:
             yield
