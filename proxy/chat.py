@@ -81,8 +81,9 @@ class ChatCompletionService:
     async def prepare(self, request: ChatCompletionRequest) -> tuple[Model, PreparedPrompt, GenerationParams]:
         """Everything that can fail before the first byte: lookup, load, template, context check."""
         messages = message_dicts(request.messages)
+        # Request errors first: a bad request never makes the server load a model.
+        params = generation_params(request, self.manager.registry.resolve(request.model))
         model = await self.manager.get(request.model)
-        params = generation_params(request, model.spec)
         prompt = await asyncio.to_thread(model.prepare, messages, params)
         return model, prompt, params
 
