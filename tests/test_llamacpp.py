@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ COLORS = [{"role": "user", "content": "Name three colors."}]
 GREEDY = GenerationParams(max_tokens=40, temperature=0)
 
 
-def load(entry: dict[str, Any], tmp_path: Path | None = None) -> LlamaCppModel:
+@contextmanager
+def loaded(entry: dict[str, Any], tmp_path: Path | None = None) -> Iterator[LlamaCppModel]:
+    """The entry's model, loaded for the ``with`` block and unloaded after it."""
     registry = (
         ModelRegistry.from_list([entry])
         if tmp_path is None
@@ -29,7 +33,10 @@ def load(entry: dict[str, Any], tmp_path: Path | None = None) -> LlamaCppModel:
     )
     model = LlamaCppModel(registry.resolve(entry["model_name"]))
     model.load()
-    return model
+    try:
+        yield model
+    finally:
+        model.unload()
 
 
 def generate(model: LlamaCppModel, params: GenerationParams = GREEDY, messages: Any = COLORS) -> tuple[str, Any]:
@@ -40,9 +47,8 @@ def generate(model: LlamaCppModel, params: GenerationParams = GREEDY, messages: 
 
 @pytest.fixture(scope="module")
 def smol() -> Any:
-    model = load(smol_entry())
-    yield model
-    model.unload()
+    with loaded(smol_entry()) as model:
+        yield model
 
 
 def test_premade_template_from_the_gguf(smol: LlamaCppModel) -> None:
@@ -62,15 +68,14 @@ def test_prompt_starts_with_exactly_one_bos(smol: LlamaCppModel) -> None:
 
 
 def test_custom_template_renders_bos_once() -> None:
-    model = load(smol_entry("custom", premade_chat_template=False, custom_chat_template=CHATML_VIA_SPECIAL_TOKENS))
-    try:
+    with loaded(
+        smol_entry("custom", premade_chat_template=False, custom_chat_template=CHATML_VIA_SPECIAL_TOKENS)
+    ) as model:
         prompt = model.prepare(COLORS, GREEDY)
         assert model.chat_template is not None and model.chat_template.origin == "custom"
         assert prompt.text == "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"
         assert prompt.token_ids[0] == BOS and prompt.token_ids[1] != BOS
         assert generate(model)[0]  # the model answers through the custom template
-    finally:
-        model.unload()
 
 
 def test_ensure_single_bos_on_real_token_ids(smol: LlamaCppModel) -> None:
@@ -84,8 +89,7 @@ def test_ensure_single_bos_on_real_token_ids(smol: LlamaCppModel) -> None:
 
 
 def test_generic_fallback_template_with_bos_and_eos_strings(caplog: pytest.LogCaptureFixture) -> None:
-    model = load(smol_entry("generic", premade_chat_template=False, bos_string="<s>", eos_string="</s>"))
-    try:
+    with loaded(smol_entry("generic", premade_chat_template=False, bos_string="<s>", eos_string="</s>")) as model:
         assert model.chat_template is not None and model.chat_template.origin == "generic"
         assert "generic fallback" in caplog.text
         # The file defines BOS/EOS, so they win over bos_string/eos_string ...
@@ -94,19 +98,14 @@ def test_generic_fallback_template_with_bos_and_eos_strings(caplog: pytest.LogCa
         assert model._special_token_text(model._llm, {}, "bos", "bos_string") == "<s>"
         assert model._special_token_text(model._llm, {}, "eos", "eos_string") == "</s>"
         assert model.prepare(COLORS, GREEDY).text.endswith("User: Name three colors.\n\nAssistant:")
-    finally:
-        model.unload()
 
 
 def test_cleaning_keys_on_real_output() -> None:
-    culled = load(smol_entry("cull", eos_to_cull=r"\n3\. Green$"))
-    split = load(smol_entry("split", output_split_prefix="\n"))
-    try:
+    culling = smol_entry("cull", eos_to_cull=r"\n3\. Green$")
+    splitting = smol_entry("split", output_split_prefix="\n")
+    with loaded(culling) as culled, loaded(splitting) as split:
         assert generate(culled)[0] == "1. Red\n2. Blue"
         assert generate(split)[0] == "3. Green"
-    finally:
-        culled.unload()
-        split.unload()
 
 
 def test_stop_strings_and_max_tokens(smol: LlamaCppModel) -> None:
@@ -133,16 +132,13 @@ def test_cancel_stops_generation_within_a_token(smol: LlamaCppModel) -> None:
 
 
 def test_context_size_from_the_entry_and_the_limit() -> None:
-    model = load(smol_entry("small", context_size=128))
-    try:
+    with loaded(smol_entry("small", context_size=128)) as model:
         assert model.context_size == 128 and model.load_info()["context_size_trained"] == 8192
         with pytest.raises(ContextLengthExceededError) as caught:
             model.prepare(COLORS, GenerationParams(max_tokens=100))
         assert caught.value.context_size == 128 and caught.value.prompt_tokens == 34
         fits = model.prepare(COLORS, GenerationParams(max_tokens=None))
         assert fits.max_tokens == 128 - 34  # no max_tokens: as many as fit
-    finally:
-        model.unload()
 
 
 def test_default_context_is_bounded_not_the_training_length(smol: LlamaCppModel) -> None:
@@ -169,27 +165,21 @@ def test_requested_gpu_layers_default_on_a_gpu_build() -> None:
 
 
 def test_gpu_request_on_a_cpu_build_loads_on_cpu_and_says_so() -> None:
-    model = load(smol_entry("on-gpu", execute_on="gpu"))
-    try:
+    with loaded(smol_entry("on-gpu", execute_on="gpu")) as model:
         info = model.load_info()
         assert info["n_gpu_layers_requested"] == -1
         assert info["device"] == "cpu" and info["layers_on_gpu"] == 0 and info["layers_total"] == 31
         assert any("no GPU support" in w for w in info["warnings"])
         assert generate(model)[0] == "1. Red\n2. Blue\n3. Green"
-    finally:
-        model.unload()
 
 
 def test_weights_from_a_relative_local_directory(tmp_path: Path) -> None:
     (tmp_path / "models" / "smol").mkdir(parents=True)
     shutil.copy(smollm2_gguf(), tmp_path / "models" / "smol" / "model-Q4_1.gguf")
     entry = smol_entry("local", huggingface_id="models/smol", python_package=None)
-    model = load(entry, tmp_path)
-    try:
+    with loaded(entry, tmp_path) as model:
         assert model.load_info()["file"] == str((tmp_path / "models" / "smol" / "model-Q4_1.gguf").resolve())
         assert generate(model)[0] == "1. Red\n2. Blue\n3. Green"
-    finally:
-        model.unload()
 
 
 def test_filename_glob_must_match_exactly_one(tmp_path: Path) -> None:
@@ -254,6 +244,5 @@ def test_gated_entry_needs_a_token_only_for_the_hub(monkeypatch: pytest.MonkeyPa
     )
     with pytest.raises(CredentialsError):
         hub.load()
-    packaged = load(smol_entry("gated-but-shipped", requires_api_key=True))
-    assert packaged.is_loaded
-    packaged.unload()
+    with loaded(smol_entry("gated-but-shipped", requires_api_key=True)) as packaged:
+        assert packaged.is_loaded
