@@ -11,8 +11,8 @@ from typing import Any
 
 from backends.errors import ModelLoadError
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
-from backends.prompting import choose_chat_template
-from backends.registry import parse_context_size
+from backends.placement import layers_on_gpu, requested_gpu_layers
+from backends.prompting import choose_chat_template, ensure_single_bos
 from backends.weights import find_weight_files
 
 logger = logging.getLogger(__name__)
@@ -22,32 +22,6 @@ def gpu_offload_supported() -> bool:
     import llama_cpp
 
     return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-def requested_gpu_layers(spec: Any, gpu_available: bool) -> int:
-    """``n_gpu_layers`` for an entry: ``execute_on`` first, then ``gpu_layers_offloaded``, else all on a GPU build.
-
-    -1 means every layer (llama.cpp's convention).
-    """
-    execute_on = spec.get("execute_on")
-    if execute_on == "gpu":
-        return -1
-    if execute_on == "cpu":
-        return 0
-    if "gpu_layers_offloaded" in spec:
-        return int(spec["gpu_layers_offloaded"])
-    return -1 if gpu_available else 0
-
-
-def ensure_single_bos(token_ids: list[int], bos_id: int, add_bos: bool) -> list[int]:
-    """Exactly one leading BOS when the model wants one or the template rendered one; never two."""
-    if bos_id < 0:
-        return token_ids
-    if add_bos and token_ids[:1] != [bos_id]:
-        token_ids = [bos_id, *token_ids]
-    while token_ids[:2] == [bos_id, bos_id]:
-        token_ids = token_ids[1:]
-    return token_ids
 
 
 class LlamaCppModel(Model):
@@ -72,23 +46,19 @@ class LlamaCppModel(Model):
         if n_gpu_layers != 0 and not gpu:
             warnings.append("GPU offload requested, but this llama.cpp build has no GPU support: running on CPU")
             logger.warning("%s: %s", self.name, warnings[-1])
-        explicit_ctx = self.spec.get("context_size")
-        n_ctx = parse_context_size(explicit_ctx) if explicit_ctx is not None else self.options.context_size
+        n_ctx = self.context_window(None)
         logger.info("%s: loading %s (n_gpu_layers=%d, n_ctx=%d)", self.name, files.main, n_gpu_layers, n_ctx)
         try:
             llm = Llama(model_path=str(files.main), n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {files.main}: {exc}") from exc
         n_ctx_train = llm._model.n_ctx_train()
-        # llama.cpp may round n_ctx up; the window we enforce is what was asked for. An explicit context_size is
-        # the operator's call; the server default never exceeds what the model was trained on.
-        self.context_size = (
-            min(n_ctx, llm.n_ctx()) if explicit_ctx is not None else min(n_ctx, llm.n_ctx(), n_ctx_train)
-        )
+        # llama.cpp may round n_ctx up; the window we enforce is what was asked for.
+        self.context_size = min(self.context_window(n_ctx_train), llm.n_ctx())
 
         metadata = llm.metadata
-        bos_token = self._special_token_text(llm, metadata, "bos", "bos_string")
-        eos_token = self._special_token_text(llm, metadata, "eos", "eos_string")
+        bos_token = self.special_token_text(self._token_text(llm, metadata, "bos"), "bos_string")
+        eos_token = self.special_token_text(self._token_text(llm, metadata, "eos"), "eos_string")
         self.chat_template = choose_chat_template(
             self.spec, metadata.get("tokenizer.chat_template"), bos_token=bos_token, eos_token=eos_token
         )
@@ -105,9 +75,7 @@ class LlamaCppModel(Model):
             "n_gpu_layers_requested": n_gpu_layers,
             # llama.cpp offloads the repeating layers plus the output layer: n_layers + 1 in all.
             "layers_total": n_layers + 1 if n_layers else None,
-            "layers_on_gpu": (n_layers + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layers + 1))
-            if gpu and n_layers
-            else 0,
+            "layers_on_gpu": layers_on_gpu(n_gpu_layers, n_layers + 1) if gpu and n_layers else 0,
             "device": "gpu" if gpu and n_gpu_layers != 0 else "cpu",
             "model_bytes": llm._model.size(),
             "parameters": llm._model.n_params(),
@@ -115,12 +83,12 @@ class LlamaCppModel(Model):
         }
         logger.info("%s: loaded (%s template, context %d)", self.name, self.chat_template.origin, self.context_size)
 
-    def _special_token_text(self, llm: Any, metadata: dict[str, str], which: str, registry_key: str) -> str:
-        """The BOS/EOS text the template sees: the file's own token, else the entry's bos_string/eos_string."""
+    @staticmethod
+    def _token_text(llm: Any, metadata: dict[str, str], which: str) -> str | None:
         token_id = metadata.get(f"tokenizer.ggml.{which}_token_id")
         if token_id is not None and int(token_id) >= 0:
             return str(llm._model.token_get_text(int(token_id)))
-        return str(self.spec.get(registry_key, ""))
+        return None
 
     def load_info(self) -> dict[str, Any]:
         return dict(self._info)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from backends.cleaning import OutputCleaner
 from backends.errors import ContextLengthExceededError
 from backends.prompting import ChatTemplate
+from backends.registry import parse_context_size
 from backends.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,18 @@ class Model(ABC):
     ) -> Generator[str, None, None]:
         """Raw text pieces, one per generated token or so, stopping at end of sequence,
         ``prompt.max_tokens`` or ``cancel``; updates ``outcome`` as it goes."""
+
+    def context_window(self, trained: int | None) -> int:
+        """The context size to enforce: the entry's ``context_size`` (the operator's call), else the server
+        default, never more than the model was trained on."""
+        explicit = self.spec.get("context_size")
+        if explicit is not None:
+            return parse_context_size(explicit)
+        return min(self.options.context_size, trained) if trained else self.options.context_size
+
+    def special_token_text(self, found: str | None, registry_key: str) -> str:
+        """BOS/EOS text for templates: the model's own token, else the entry's ``bos_string``/``eos_string``."""
+        return found if found else str(self.spec.get(registry_key, ""))
 
     def load_info(self) -> dict[str, Any]:
         """What loading actually did (device, layers, context size...), for operators."""

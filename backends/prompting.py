@@ -104,6 +104,21 @@ class ChatTemplate:
             raise PromptRenderError(f"the model's chat template failed to render: {exc}") from exc
 
 
+def ensure_single_bos(token_ids: list[int], bos_id: int | None, add_bos: bool) -> list[int]:
+    """Exactly one leading BOS when the model wants one or the template rendered one; never two.
+
+    Templates usually render ``bos_token`` themselves, and tokenisers may add
+    another; both backends tokenise without special tokens and call this.
+    """
+    if bos_id is None or bos_id < 0:
+        return token_ids
+    if add_bos and token_ids[:1] != [bos_id]:
+        token_ids = [bos_id, *token_ids]
+    while token_ids[:2] == [bos_id, bos_id]:
+        token_ids = token_ids[1:]
+    return token_ids
+
+
 def choose_chat_template(
     spec: Mapping[str, Any], premade: str | None, *, bos_token: str, eos_token: str
 ) -> ChatTemplate:

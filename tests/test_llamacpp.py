@@ -14,7 +14,9 @@ import pytest
 from backends import ContextLengthExceededError, GenerationOutcome, GenerationParams, ModelLoadError, ModelRegistry
 from backends.credentials import huggingface_token
 from backends.errors import CredentialsError
-from backends.llamacpp import LlamaCppModel, ensure_single_bos, requested_gpu_layers
+from backends.llamacpp import LlamaCppModel
+from backends.placement import requested_gpu_layers
+from backends.prompting import ensure_single_bos
 from backends.weights import find_weight_files
 from tests.conftest import CHATML_VIA_SPECIAL_TOKENS, smol_entry, smollm2_gguf, write_registry
 
@@ -95,8 +97,8 @@ def test_generic_fallback_template_with_bos_and_eos_strings(caplog: pytest.LogCa
         # The file defines BOS/EOS, so they win over bos_string/eos_string ...
         assert model.chat_template.bos_token == "<|im_start|>"
         # ... which fill in where the file has none.
-        assert model._special_token_text(model._llm, {}, "bos", "bos_string") == "<s>"
-        assert model._special_token_text(model._llm, {}, "eos", "eos_string") == "</s>"
+        assert model.special_token_text(None, "bos_string") == "<s>"
+        assert model.special_token_text(None, "eos_string") == "</s>"
         assert model.prepare(COLORS, GREEDY).text.endswith("User: Name three colors.\n\nAssistant:")
 
 
