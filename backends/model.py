@@ -70,6 +70,7 @@ class Model(ABC):
         self.options = options or LoadOptions()
         self.chat_template: ChatTemplate | None = None
         self.context_size: int = 0
+        self.tokens_generated = 0  # over the model's lifetime, counted when each generation ends
 
     @property
     def name(self) -> str:
@@ -162,6 +163,7 @@ class Model(ABC):
                     break
         finally:
             pieces.close()  # ends the backend's generation loop when we stop early
+            self.tokens_generated += outcome.completion_tokens
         tail = cleaner.finish()
         if tail:
             yield tail

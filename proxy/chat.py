@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 
 from backends import BackendError, GenerationOutcome, GenerationParams, Model, PreparedPrompt
@@ -90,8 +91,8 @@ class ChatCompletionService:
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
         model, prompt, params = await self.prepare(request)
         outcome = GenerationOutcome()
-        async with self.manager.running(model):
-            content = "".join([delta async for delta in generate_text(model, prompt, params, outcome)])
+        async with self.manager.running(model), aclosing(generate_text(model, prompt, params, outcome)) as deltas:
+            content = "".join([delta async for delta in deltas])
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -129,9 +130,9 @@ class ChatCompletionService:
 
         outcome = GenerationOutcome()
         try:
-            async with self.manager.running(model):
+            async with self.manager.running(model), aclosing(generate_text(model, prompt, params, outcome)) as deltas:
                 yield chunk(Delta(role="assistant", content=""))
-                async for delta in generate_text(model, prompt, params, outcome):
+                async for delta in deltas:
                     yield chunk(Delta(content=delta))
             yield chunk(Delta(), outcome.finish_reason)
             if include_usage:

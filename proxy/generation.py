@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from backends import GenerationOutcome, GenerationParams, Model, PreparedPrompt
@@ -14,11 +14,13 @@ _DONE = object()
 
 async def generate_text(
     model: Model, prompt: PreparedPrompt, params: GenerationParams, outcome: GenerationOutcome
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Cleaned text deltas as the model produces them.
 
-    Leaving the loop early (client gone, task cancelled) sets the cancel flag,
-    which the backend checks after every token, and waits for the worker to stop.
+    Closing it early (client gone, task cancelled) sets the cancel flag, which
+    the backend checks after every token, and waits for the worker to stop.
+    Callers close it with ``contextlib.aclosing`` inside the model's generation
+    slot, so that the slot is free only once the worker is done.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -52,4 +54,21 @@ async def generate_text(
             yield item
     finally:
         cancel.set()
-        await asyncio.shield(worker)
+        await _wait_uncancellable(worker)
+
+
+async def _wait_uncancellable(worker: asyncio.Future[None]) -> None:
+    """Wait for the worker thread even if this task is cancelled meanwhile (a client gone, a server stopping).
+
+    Until it returns the thread may still be inside the model, and whoever holds the model's generation slot
+    must not release it before then: a second generation on the same llama.cpp context crashes the process.
+    The thread stops within a token once ``cancel`` is set, so this wait is short.
+    """
+    cancelled = False
+    while not worker.done():
+        try:
+            await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError

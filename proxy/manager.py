@@ -32,6 +32,11 @@ class ModelManager:
     def loaded_names(self) -> list[str]:
         return [name for name, model in self._models.items() if model.is_loaded]
 
+    def loaded(self, name: str) -> Model | None:
+        """The model loaded for a registry name, if any; loads nothing."""
+        model = self._models.get(name)
+        return model if model is not None and model.is_loaded else None
+
     async def get(self, name: str) -> Model:
         """The loaded model for a registry name, loading it first if needed."""
         spec = self.registry.resolve(name)  # 404 / 400 before anything is loaded
