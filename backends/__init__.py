@@ -44,6 +44,10 @@ def create_model(spec: ModelSpec, options: LoadOptions | None = None) -> Model:
         from backends.llamacpp import LlamaCppModel
 
         return LlamaCppModel(spec, options)
+    if backend == "huggingface_local":
+        from backends.huggingface_local import HuggingfaceLocalModel
+
+        return HuggingfaceLocalModel(spec, options)
     raise UnsupportedBackendError(
         f"The model '{spec['model_name']}' uses backend '{backend}', which this version of clemproxy cannot run yet"
     )

@@ -71,8 +71,8 @@ class LlamaCppModel(Model):
             "context_size": self.context_size,
             "context_size_trained": n_ctx_train,
             "chat_template": self.chat_template.origin,
-            "gpu_offload_supported": gpu,
-            "n_gpu_layers_requested": n_gpu_layers,
+            "gpu_available": gpu,  # a GPU build of llama.cpp
+            "gpu_layers_requested": n_gpu_layers,
             # llama.cpp offloads the repeating layers plus the output layer: n_layers + 1 in all.
             "layers_total": n_layers + 1 if n_layers else None,
             "layers_on_gpu": layers_on_gpu(n_gpu_layers, n_layers + 1) if gpu and n_layers else 0,

@@ -78,19 +78,104 @@ def _patterns(spec: Mapping[str, Any]) -> list[str]:
     return [extra] if isinstance(extra, str) else list(extra)
 
 
-def find_weight_files(spec: Mapping[str, Any]) -> WeightFiles:
-    """Resolve ``filename`` (and ``additional_files``) to local files, downloading from the hub only if needed.
+def find_weight_files(spec: Mapping[str, Any], pattern: str | None = None) -> WeightFiles:
+    """Resolve ``filename`` (or ``pattern``) and ``additional_files`` to local files, downloading only if needed.
 
     A gated entry (``requires_api_key``) needs its token only when the hub is asked.
     """
-    pattern = str(spec["filename"])
+    pattern = pattern or str(spec["filename"])
     if spec.get("python_package"):
         return _from_package(str(spec["python_package"]), pattern, _patterns(spec))
     directory = local_model_dir(spec)
     if directory is not None:
         return _from_directory(directory, pattern, _patterns(spec))
-    token = huggingface_token() if spec.get("requires_api_key") else None
-    return _from_hub(str(spec["huggingface_id"]), pattern, _patterns(spec), token)
+    return _from_hub(str(spec["huggingface_id"]), pattern, _patterns(spec), _hub_token(spec))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What transformers' ``from_pretrained`` opens: a local directory, and a GGUF file in it if any."""
+
+    directory: Path
+    gguf_file: str | None = None
+    origin: str = ""
+
+
+# The files a transformers checkpoint needs besides its weights (configs, tokenizer, chat template).
+TRANSFORMERS_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+
+
+def find_model_source(spec: Mapping[str, Any]) -> ModelSource:
+    """The local checkpoint of a ``huggingface_local`` entry, downloading it from the hub only if needed.
+
+    With ``gguf_file`` the checkpoint is that one GGUF file, found like a llama.cpp ``filename``; otherwise
+    it is a directory with ``config.json`` (top-level files only: no ``original/`` or ONNX copies).
+    """
+    if spec.get("gguf_file"):
+        files = find_weight_files(spec, str(spec["gguf_file"]))
+        return ModelSource(files.main.parent, files.main.name, files.origin)
+    if spec.get("python_package"):
+        config = _from_package(str(spec["python_package"]), "config.json", ()).main
+        return ModelSource(config.parent, None, f"python package {spec['python_package']}")
+    directory = local_model_dir(spec)
+    if directory is not None:
+        return ModelSource(_checkpoint_directory(directory, f"The model directory {directory}"), None, str(directory))
+    repo_id = str(spec["huggingface_id"])
+    token = _hub_token(spec)
+    listing = _hub_listing(repo_id, token)
+    if listing is None:
+        snapshot = _cached_snapshot(repo_id, ["*"], token, "a checkpoint with config.json")
+        return ModelSource(_checkpoint_directory(snapshot, f"The cached copy of {repo_id}"), None, f"hub:{repo_id}")
+    wanted = checkpoint_files(listing, repo_id)
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading %d files of %s (unless cached)", len(wanted), repo_id)
+    try:
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=wanted, token=token))
+    except Exception as exc:
+        raise ModelLoadError(f"Downloading {repo_id} failed: {type(exc).__name__}: {exc}") from None
+    return ModelSource(_checkpoint_directory(snapshot, f"The download of {repo_id}"), None, f"hub:{repo_id}")
+
+
+def checkpoint_files(listing: Iterable[str], repo_id: str) -> list[str]:
+    """The top-level files of a hub repo that a transformers checkpoint needs: safetensors if any, else .bin."""
+    top = [f for f in listing if "/" not in f]
+    if "config.json" not in top:
+        raise ModelLoadError(f"Hugging Face repo {repo_id} has no config.json: it is not a transformers checkpoint")
+    for suffix, index in ((".safetensors", "model.safetensors.index.json"), (".bin", "pytorch_model.bin.index.json")):
+        weights = [f for f in top if f.endswith(suffix)]
+        if weights:
+            return sorted(f for f in top if f in TRANSFORMERS_FILES or f == index) + sorted(weights)
+    raise ModelLoadError(
+        f"Hugging Face repo {repo_id} has no .safetensors or .bin weights at its top level"
+        " (for a GGUF-only repo, set gguf_file)"
+    )
+
+
+def _checkpoint_directory(directory: Path, what: str) -> Path:
+    if not directory.is_dir():
+        raise ModelLoadError(f"{what} does not exist")
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"{what} has no config.json (for a GGUF checkpoint, set gguf_file)")
+    return directory
+
+
+def _hub_token(spec: Mapping[str, Any]) -> str | None:
+    return huggingface_token() if spec.get("requires_api_key") else None
 
 
 def _from_directory(directory: Path, pattern: str, extra: Sequence[str]) -> WeightFiles:
@@ -122,32 +207,46 @@ def _from_package(distribution: str, pattern: str, extra: Sequence[str]) -> Weig
     )
 
 
-def _from_hub(repo_id: str, pattern: str, extra: Sequence[str], token: str | None) -> WeightFiles:
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+def _hub_listing(repo_id: str, token: str | None) -> list[str] | None:
+    """The repo's files, or ``None`` when the hub cannot be reached (offline mode, no route, timeout)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    where = f"Hugging Face repo {repo_id}"
     try:
         # One request with a timeout (list_repo_files would retry an unreachable hub for half a minute).
         info = HfApi().model_info(repo_id, token=token, timeout=HUB_TIMEOUT_S)
-        listing = [sibling.rfilename for sibling in info.siblings or []]
     except (GatedRepoError, RepositoryNotFoundError) as exc:
         raise ModelLoadError(
-            f"{where} is gated or does not exist ({type(exc).__name__}); for a gated model set "
-            "requires_api_key and provide a token"
+            f"Hugging Face repo {repo_id} is gated or does not exist ({type(exc).__name__}); for a gated model "
+            "set requires_api_key and provide a token"
         ) from None
-    except Exception as exc:  # offline mode, no route to the hub, timeouts: fall back to the local cache
+    except Exception as exc:
         logger.info("%s: hub not reachable (%s); looking in the local cache", repo_id, type(exc).__name__)
-        try:
-            snapshot = Path(
-                snapshot_download(repo_id, allow_patterns=[pattern, *extra], local_files_only=True, token=token)
-            )
-        except (LocalEntryNotFoundError, OSError, ValueError, HfHubHTTPError):
-            raise ModelLoadError(
-                f"Cannot fetch '{pattern}' from {where}: the hub is not reachable ({type(exc).__name__}) "
-                "and no matching file is in the local Hugging Face cache; download it where the hub is "
-                "reachable, or point huggingface_id at a local directory"
-            ) from None
+        return None
+    return [sibling.rfilename for sibling in info.siblings or []]
+
+
+def _cached_snapshot(repo_id: str, patterns: list[str], token: str | None, what: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, token=token))
+    except (LocalEntryNotFoundError, OSError, ValueError, HfHubHTTPError):
+        raise ModelLoadError(
+            f"Cannot fetch {what} from Hugging Face repo {repo_id}: the hub is not reachable and it is not in the "
+            "local Hugging Face cache; download it where the hub is reachable, or point huggingface_id at a "
+            "local directory"
+        ) from None
+
+
+def _from_hub(repo_id: str, pattern: str, extra: Sequence[str], token: str | None) -> WeightFiles:
+    from huggingface_hub import hf_hub_download
+
+    where = f"Hugging Face repo {repo_id}"
+    listing = _hub_listing(repo_id, token)
+    if listing is None:
+        snapshot = _cached_snapshot(repo_id, [pattern, *extra], token, f"'{pattern}'")
         return _from_directory(snapshot, pattern, extra)
     main = _select(listing, pattern, where)
     additional = [_select(listing, p, where) for p in extra]

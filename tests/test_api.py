@@ -9,7 +9,15 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import SMOL, RunningServer, schema_validator
+from tests.conftest import (
+    HF_VARIANTS,
+    LLAMACPP_VARIANTS,
+    SMOL,
+    SMOL_HF_GGUF,
+    RunningServer,
+    Variants,
+    schema_validator,
+)
 
 COLORS = [{"role": "user", "content": "Name three colors."}]
 
@@ -29,11 +37,19 @@ def streamed_text(chunks: list[Any]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-def test_non_stream_answers_with_real_usage(openai_client: Any, openai_schemas: dict[str, Any]) -> None:
-    response = complete(openai_client)
+@pytest.fixture(params=[LLAMACPP_VARIANTS, HF_VARIANTS], ids=lambda v: v.backend)
+def variants(request: pytest.FixtureRequest) -> Variants:
+    """Runs a test once per backend, on that backend's variations of SmolLM2."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def test_non_stream_answers_with_real_usage(
+    openai_client: Any, openai_schemas: dict[str, Any], variants: Variants
+) -> None:
+    response = complete(openai_client, variants.plain)
     schema_validator(openai_schemas, "CreateChatCompletionResponse").validate(response.model_dump(exclude_unset=True))
     assert response.id.startswith("chatcmpl-")
-    assert response.model == SMOL
+    assert response.model == variants.plain
     choice = response.choices[0]
     assert choice.message.role == "assistant"
     assert "Red" in choice.message.content or "red" in choice.message.content
@@ -44,16 +60,17 @@ def test_non_stream_answers_with_real_usage(openai_client: Any, openai_schemas: 
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
 
 
-@pytest.mark.parametrize("model", [SMOL, "smol-custom-template", "smol-cull-green", "smol-split"])
-def test_stream_equals_non_stream(openai_client: Any, model: str) -> None:
+@pytest.mark.parametrize("variant", ["plain", "custom_template", "cull_green", "split"])
+def test_stream_equals_non_stream(openai_client: Any, variants: Variants, variant: str) -> None:
+    model = getattr(variants, variant)
     whole = complete(openai_client, model).choices[0].message.content
     chunks = stream_chunks(openai_client, model)
     assert streamed_text(chunks) == whole
     assert whole  # something was generated and survived cleaning
 
 
-def test_stream_shape(openai_client: Any, openai_schemas: dict[str, Any]) -> None:
-    chunks = stream_chunks(openai_client, stream_options={"include_usage": True})
+def test_stream_shape(openai_client: Any, openai_schemas: dict[str, Any], variants: Variants) -> None:
+    chunks = stream_chunks(openai_client, variants.plain, stream_options={"include_usage": True})
     validator = schema_validator(openai_schemas, "CreateChatCompletionStreamResponse")
     for chunk in chunks:
         validator.validate(chunk.model_dump(exclude_unset=True))
@@ -81,11 +98,11 @@ def test_raw_stream_ends_with_done_and_has_no_event_lines(
         validator.validate(json.loads(line[6:]))
 
 
-def test_max_tokens_gives_length(openai_client: Any) -> None:
-    response = complete(openai_client, max_tokens=3)
+def test_max_tokens_gives_length(openai_client: Any, variants: Variants) -> None:
+    response = complete(openai_client, variants.plain, max_tokens=3)
     assert response.choices[0].finish_reason == "length"
     assert response.usage.completion_tokens == 3
-    chunks = stream_chunks(openai_client, max_tokens=3)
+    chunks = stream_chunks(openai_client, variants.plain, max_tokens=3)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 
 
@@ -94,25 +111,39 @@ def test_max_completion_tokens_is_honoured(openai_client: Any) -> None:
     assert response.usage.completion_tokens == 2
 
 
-def test_stop_string_cuts_output(openai_client: Any) -> None:
-    full = complete(openai_client).choices[0].message.content
+def test_stop_string_cuts_output(openai_client: Any, variants: Variants) -> None:
+    full = complete(openai_client, variants.plain).choices[0].message.content
     assert "Blue" in full
-    cut = complete(openai_client, stop=["Blue"])
+    cut = complete(openai_client, variants.plain, stop=["Blue"])
     assert cut.choices[0].message.content == full.split("Blue")[0]
     assert cut.choices[0].finish_reason == "stop"
-    assert streamed_text(stream_chunks(openai_client, stop=["Blue"])) == full.split("Blue")[0]
+    assert streamed_text(stream_chunks(openai_client, variants.plain, stop=["Blue"])) == full.split("Blue")[0]
 
 
-def test_eos_to_cull_and_output_split_prefix(openai_client: Any) -> None:
-    plain = complete(openai_client).choices[0].message.content
+def test_eos_to_cull_and_output_split_prefix(openai_client: Any, variants: Variants) -> None:
+    plain = complete(openai_client, variants.plain).choices[0].message.content
     assert plain == "1. Red\n2. Blue\n3. Green"  # SmolLM2's greedy answer, which the next two entries clean
-    assert complete(openai_client, "smol-cull-green").choices[0].message.content == "1. Red\n2. Blue\n3. "
-    assert complete(openai_client, "smol-split").choices[0].message.content == "Blue\n3. Green"
+    assert complete(openai_client, variants.cull_green).choices[0].message.content == "1. Red\n2. Blue\n3. "
+    assert complete(openai_client, variants.split).choices[0].message.content == "Blue\n3. Green"
 
 
-def test_same_seed_same_sample(openai_client: Any) -> None:
-    first = complete(openai_client, temperature=1.0, seed=1234).choices[0].message.content
-    second = complete(openai_client, temperature=1.0, seed=1234).choices[0].message.content
+def test_custom_chat_template_is_used(openai_client: Any, variants: Variants) -> None:
+    # SmolLM2's own template adds a default system prompt when there is none; the custom ChatML one does not.
+    assert (
+        complete(openai_client, variants.custom_template).usage.prompt_tokens
+        < complete(openai_client, variants.plain).usage.prompt_tokens
+    )
+    # With a system message both render the same ChatML, so the same prompt and the same greedy answer.
+    messages = [{"role": "system", "content": "You answer in lists."}, *COLORS]
+    custom = complete(openai_client, variants.custom_template, messages=messages)
+    premade = complete(openai_client, variants.plain, messages=messages)
+    assert custom.usage.prompt_tokens == premade.usage.prompt_tokens
+    assert custom.choices[0].message.content == premade.choices[0].message.content
+
+
+def test_same_seed_same_sample(openai_client: Any, variants: Variants) -> None:
+    first = complete(openai_client, variants.plain, temperature=1.0, seed=1234).choices[0].message.content
+    second = complete(openai_client, variants.plain, temperature=1.0, seed=1234).choices[0].message.content
     assert first == second
 
 
@@ -139,9 +170,9 @@ def test_missing_weights_is_a_clear_error(openai_client: Any) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_context_length_exceeded_is_400_before_any_chunk(openai_client: Any, stream: bool) -> None:
+def test_context_length_exceeded_is_400_before_any_chunk(openai_client: Any, stream: bool, variants: Variants) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        complete(openai_client, "smol-small-context", max_tokens=100, stream=stream)
+        complete(openai_client, variants.small_context, max_tokens=100, stream=stream)
     assert caught.value.code == "context_length_exceeded"
     assert "128" in caught.value.message
 
@@ -233,3 +264,49 @@ def test_health_reports_loaded_models(api_server: RunningServer, openai_client: 
     health = httpx.get(f"{api_server.base_url}/health").json()
     assert health["status"] == "ok"
     assert SMOL in health["loaded"]
+
+
+# Greedy SmolLM2 counts on for hundreds of tokens here (it reaches max_tokens=300 on both backends).
+COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+
+
+def test_disconnect_stops_generation(api_server: RunningServer, openai_client: Any, variants: Variants) -> None:
+    complete(openai_client, variants.plain, max_tokens=1)  # loaded before we start counting
+    model = api_server.app.state.manager.loaded(variants.plain)
+    before = model.tokens_generated
+    body = {"model": variants.plain, "messages": COUNTING, "temperature": 0, "max_tokens": 300, "stream": True}
+    with httpx.stream("POST", f"{api_server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        content_chunks = 0
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                content_chunks += 1
+            if content_chunks == 3:
+                break  # leaving the block closes the connection mid-stream
+    # A model runs one generation at a time, so this request starts only once the abandoned one has stopped.
+    complete(openai_client, variants.plain, max_tokens=1)
+    abandoned = model.tokens_generated - before - 1
+    assert 3 <= abandoned <= 3 + 8, f"generation went on for {abandoned} tokens after the client left"
+
+
+def test_gguf_through_transformers_answers(openai_client: Any) -> None:
+    response = complete(openai_client, SMOL_HF_GGUF)
+    assert response.choices[0].message.content == "1. Red\n2. Blue\n3. Green"
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_model_without_a_chat_template_gets_the_generic_one(
+    api_server: RunningServer, openai_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = complete(openai_client, "smol-hf-no-template")
+    assert response.choices[0].message.content.strip()  # a usable prompt gets some answer
+    model = api_server.app.state.manager.loaded("smol-hf-no-template")
+    assert model.load_info()["chat_template"] == "generic"
+    prompt = model.render_prompt(COLORS)
+    assert prompt.endswith("User: Name three colors.\n\nAssistant:")
+
+
+def test_hf_model_not_in_cache_is_a_clear_error(openai_client: Any) -> None:
+    with pytest.raises(openai.InternalServerError) as caught:
+        complete(openai_client, "hf-not-downloaded")
+    assert caught.value.code == "model_load_failed"
+    assert "nobody/not-in-cache" in caught.value.message and "not reachable" in caught.value.message

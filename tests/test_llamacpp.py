@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +16,11 @@ from backends.llamacpp import LlamaCppModel
 from backends.placement import requested_gpu_layers
 from backends.prompting import ensure_single_bos
 from backends.weights import find_weight_files
-from tests.conftest import CHATML_VIA_SPECIAL_TOKENS, smol_entry, smollm2_gguf, write_registry
+from tests.conftest import CHATML_VIA_SPECIAL_TOKENS, loaded, smol_entry, smollm2_gguf
 
 BOS = 1  # SmolLM2: <|im_start|> is the BOS token, and the file says not to add one automatically
 COLORS = [{"role": "user", "content": "Name three colors."}]
 GREEDY = GenerationParams(max_tokens=40, temperature=0)
-
-
-@contextmanager
-def loaded(entry: dict[str, Any], tmp_path: Path | None = None) -> Iterator[LlamaCppModel]:
-    """The entry's model, loaded for the ``with`` block and unloaded after it."""
-    registry = (
-        ModelRegistry.from_list([entry])
-        if tmp_path is None
-        else ModelRegistry.from_files([write_registry(tmp_path / "model_registry.json", [entry])])
-    )
-    model = LlamaCppModel(registry.resolve(entry["model_name"]))
-    model.load()
-    try:
-        yield model
-    finally:
-        model.unload()
 
 
 def generate(model: LlamaCppModel, params: GenerationParams = GREEDY, messages: Any = COLORS) -> tuple[str, Any]:
@@ -169,7 +151,7 @@ def test_requested_gpu_layers_default_on_a_gpu_build() -> None:
 def test_gpu_request_on_a_cpu_build_loads_on_cpu_and_says_so() -> None:
     with loaded(smol_entry("on-gpu", execute_on="gpu")) as model:
         info = model.load_info()
-        assert info["n_gpu_layers_requested"] == -1
+        assert info["gpu_layers_requested"] == -1
         assert info["device"] == "cpu" and info["layers_on_gpu"] == 0 and info["layers_total"] == 31
         assert any("no GPU support" in w for w in info["warnings"])
         assert generate(model)[0] == "1. Red\n2. Blue\n3. Green"

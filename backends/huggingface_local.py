@@ -1,0 +1,357 @@
+"""The ``huggingface_local`` backend: transformers causal LMs with torch, on CPU or GPU.
+
+Checkpoints are a directory with ``config.json`` (local, from an installed
+package, or downloaded from the hub by ``backends.weights``) or one GGUF file
+(``gguf_file``), which transformers dequantises; so one GGUF can be served by
+both backends. transformers only ever reads local files here.
+
+Generation is our own token loop over the model's forward pass with a KV
+cache, like the llama.cpp backend's: one token at a time, so streaming,
+cancellation and token counts are exact, and the stop conditions are ours.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import random
+import threading
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from backends.errors import ModelLoadError
+from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from backends.placement import ALL_LAYERS, layers_on_gpu, requested_gpu_layers
+from backends.prompting import choose_chat_template, ensure_single_bos
+from backends.weights import ModelSource, find_model_source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision the weights go."""
+
+    device: str  # "cpu" or "cuda"
+    dtype: str  # a torch dtype name: "float32", "bfloat16", "float16"
+    gpu_layers: int  # ALL_LAYERS, 0, or how many decoder layers go on the GPU (the rest stay on the CPU)
+    warnings: tuple[str, ...] = ()
+
+
+def choose_placement(spec: Mapping[str, Any], cuda_available: bool, bf16_supported: bool) -> Placement:
+    """The entry's placement keys on this machine: bf16 (else fp16) on a GPU, fp32 on the CPU.
+
+    fp32 on the CPU: bf16 halves the memory but is slow on CPUs without native bf16 matrix units.
+    """
+    gpu_layers = requested_gpu_layers(spec, cuda_available)
+    if gpu_layers == 0:
+        return Placement("cpu", "float32", 0)
+    if not cuda_available:
+        warning = "the entry asks for the GPU, but torch sees no CUDA device: running on the CPU"
+        return Placement("cpu", "float32", 0, (warning,))
+    return Placement("cuda", "bfloat16" if bf16_supported else "float16", gpu_layers)
+
+
+def decoder_layer_path(model: Any) -> tuple[str, int]:
+    """The dotted name of the model's list of decoder layers (``model.layers`` for most) and its length."""
+    import torch
+
+    lists = [(name, len(m)) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ModelLoadError("cannot find the decoder layers of this model to split it between GPU and CPU")
+    return max(lists, key=lambda item: item[1])
+
+
+def partial_device_map(model_skeleton: Any, gpu_layers: int) -> dict[str, int | str]:
+    """A transformers ``device_map`` with the first ``gpu_layers`` decoder layers on GPU 0, the rest on the CPU.
+
+    ``model_skeleton`` is the model built on the meta device, so no weights are touched.
+    """
+    path, count = decoder_layer_path(model_skeleton)
+    device_map: dict[str, int | str] = {}
+    parts = path.split(".")
+    for depth in range(len(parts)):
+        parent = ".".join(parts[:depth])
+        module = model_skeleton.get_submodule(parent) if parent else model_skeleton
+        for child, _ in module.named_children():
+            if child != parts[depth]:
+                device_map[f"{parent}.{child}" if parent else child] = "cpu"
+    for index in range(count):
+        device_map[f"{path}.{index}"] = 0 if index < gpu_layers else "cpu"
+    return device_map
+
+
+def load_tokenizer(source: ModelSource, slow: bool) -> tuple[Any, list[str]]:
+    """The checkpoint's tokenizer, and warnings an operator should see.
+
+    transformers 5 has no ``use_fast=False``: every tokenizer is built on the ``tokenizers`` library, except
+    the SentencePiece-backed Python tokenizers (``SentencePieceBackend``), which do what the old slow
+    tokenizers did. ``slow_tokenizer: true`` takes one when the checkpoint ships a SentencePiece
+    ``tokenizer.model``; otherwise the fast tokenizer is used and the entry gets a warning.
+    """
+    from transformers import AutoTokenizer
+
+    warnings = []
+    if slow and source.gguf_file is None and (source.directory / "tokenizer.model").is_file():
+        try:
+            from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+            return SentencePieceBackend.from_pretrained(str(source.directory), local_files_only=True), []
+        except ImportError:
+            warnings.append("slow_tokenizer is set, but the sentencepiece package is missing: using the fast tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file, local_files_only=True)
+    if slow and not warnings and not _is_python_tokenizer(tokenizer):
+        kind = "a GGUF checkpoint" if source.gguf_file else "this checkpoint (it has no SentencePiece tokenizer.model)"
+        warnings.append(
+            f"slow_tokenizer is set, but transformers offers no slow tokenizer for {kind}: using the fast "
+            "tokenizer, whose output may differ from what this entry was tuned for"
+        )
+    return tokenizer, warnings
+
+
+def _is_python_tokenizer(tokenizer: Any) -> bool:
+    from transformers.tokenization_python import PythonBackend
+
+    return isinstance(tokenizer, PythonBackend)
+
+
+class IncrementalDetokenizer:
+    """Text deltas from token ids, one token at a time, as text-generation-inference does it.
+
+    Decoding a token alone loses what depends on its neighbours (a SentencePiece word's leading space, a
+    character split over several byte tokens), so each step decodes a short window and emits only what is
+    new and complete; the deltas add up to the decoded whole. Special tokens are skipped: they never reach
+    the client.
+    """
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock | None = None) -> None:
+        self._tokenizer = tokenizer
+        self._lock = lock or threading.Lock()
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._lock:
+            return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return text[len(prefix) :]
+        return ""
+
+    def finish(self) -> str:
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return text[len(prefix) :]
+
+
+class HuggingfaceLocalModel(Model):
+    backend_name = "huggingface_local"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._adds_bos = False
+        self._cache_name = "past_key_values"
+        # A fast tokenizer is one Rust object; prompts are tokenised while another request's output is decoded.
+        self._tokenizer_lock = threading.Lock()
+        self._info: dict[str, Any] = {}
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        source = find_model_source(self.spec)
+        cuda = torch.cuda.is_available()
+        placement = choose_placement(self.spec, cuda, cuda and torch.cuda.is_bf16_supported())
+        where = f"{source.directory / source.gguf_file}" if source.gguf_file else str(source.directory)
+        logger.info("%s: loading %s (%s, %s)", self.name, where, placement.device, placement.dtype)
+        try:
+            tokenizer, warnings = load_tokenizer(source, bool(self.spec.get("slow_tokenizer")))
+            config = AutoConfig.from_pretrained(
+                str(source.directory), gguf_file=source.gguf_file, local_files_only=True
+            )
+            device_map = self._device_map(config, placement)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                str(source.directory),
+                gguf_file=source.gguf_file,
+                dtype=getattr(torch, placement.dtype),
+                device_map=device_map,
+                local_files_only=True,
+            )
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, RuntimeError, ImportError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"transformers could not load {where}: {type(exc).__name__}: {exc}") from exc
+        model.eval()
+        warnings = [*placement.warnings, *warnings]
+        for warning in warnings:
+            logger.warning("%s: %s", self.name, warning)
+
+        self.context_size = self.context_window(getattr(config, "max_position_embeddings", None))
+        self.chat_template = choose_chat_template(
+            self.spec,
+            tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+            bos_token=self.special_token_text(tokenizer.bos_token, "bos_string"),
+            eos_token=self.special_token_text(tokenizer.eos_token, "eos_string"),
+        )
+        self._eos_ids = self._end_of_sequence_ids(model, tokenizer)
+        self._adds_bos = self._tokenizer_adds_bos(tokenizer)
+        # transformers 5 renames the KV-cache argument and output from past_key_values to cache, model by model.
+        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._tokenizer = tokenizer
+        self._model = model
+        n_layers = getattr(config, "num_hidden_layers", None)
+        self._info = {
+            "source": where,
+            "weights_from": source.origin,
+            "device": self._device_summary(model),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "gpu_available": cuda,
+            "gpu_layers_requested": placement.gpu_layers,
+            "layers_total": n_layers,
+            "layers_on_gpu": layers_on_gpu(placement.gpu_layers, n_layers or 0) if placement.device == "cuda" else 0,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "model_bytes": model.get_memory_footprint(),
+            "tokenizer": type(tokenizer).__name__,
+            "context_size": self.context_size,
+            "context_size_trained": getattr(config, "max_position_embeddings", None),
+            "chat_template": self.chat_template.origin,
+            "warnings": warnings,
+        }
+        logger.info(
+            "%s: loaded on %s as %s (%s template, context %d)",
+            self.name,
+            self._info["device"],
+            self._info["dtype"],
+            self.chat_template.origin,
+            self.context_size,
+        )
+
+    @staticmethod
+    def _device_map(config: Any, placement: Placement) -> str | dict[str, int | str]:
+        if placement.device == "cpu":
+            return "cpu"
+        n_layers = getattr(config, "num_hidden_layers", None)
+        if placement.gpu_layers == ALL_LAYERS or (n_layers and placement.gpu_layers >= n_layers):
+            return "cuda:0"
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from_config: Any = AutoModelForCausalLM.from_config
+        with init_empty_weights():
+            skeleton = from_config(config)
+        return partial_device_map(skeleton, placement.gpu_layers)
+
+    @staticmethod
+    def _device_summary(model: Any) -> str:
+        devices = sorted({str(p.device) for p in model.parameters()}, key=lambda d: (d == "cpu", d))
+        return "+".join(devices)
+
+    @staticmethod
+    def _end_of_sequence_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+        """Every id that ends a turn: the generation config's (often several) and the tokenizer's EOS."""
+        configured = model.generation_config.eos_token_id
+        ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    @staticmethod
+    def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            return False
+        with_special = tokenizer("x").input_ids
+        without = tokenizer("x", add_special_tokens=False).input_ids
+        return bool(with_special[:1] == [bos] and without[:1] != [bos])
+
+    def load_info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def unload(self) -> None:
+        model, self._model = self._model, None
+        self._tokenizer = None
+        self.chat_template = None
+        if model is None:
+            return
+        del model
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        tokenizer = self._require_loaded()[1]
+        with self._tokenizer_lock:
+            token_ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+        return ensure_single_bos(token_ids, tokenizer.bos_token_id, self._adds_bos)
+
+    def generate_tokens(
+        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome
+    ) -> Generator[str, None, None]:
+        import torch
+
+        model, tokenizer = self._require_loaded()
+        outcome.finish_reason = "length"
+        if prompt.max_tokens <= 0:
+            return
+        device = model.get_input_embeddings().weight.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
+        detokenizer = IncrementalDetokenizer(tokenizer, self._tokenizer_lock)
+        next_input = torch.tensor([prompt.token_ids], device=device)
+        cache = None
+        with torch.inference_mode():
+            while outcome.completion_tokens < prompt.max_tokens and not cancel.is_set():
+                output = model(input_ids=next_input, use_cache=True, **{self._cache_name: cache})
+                cache = getattr(output, self._cache_name)
+                token = self._next_token(output.logits[0, -1, :].float(), params, generator)
+                if token in self._eos_ids:
+                    outcome.finish_reason = "stop"
+                    break
+                outcome.completion_tokens += 1
+                text = detokenizer.push(token)
+                if text:
+                    yield text
+                next_input = torch.tensor([[token]], device=device)
+        tail = detokenizer.finish()
+        if tail:
+            yield tail
+
+    @staticmethod
+    def _next_token(logits: Any, params: GenerationParams, generator: Any) -> int:
+        """Greedy at temperature 0; otherwise sampling with temperature and nucleus (top_p), as OpenAI defines."""
+        import torch
+
+        if params.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest set of tokens whose mass reaches top_p (always at least the most likely one).
+            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _require_loaded(self) -> tuple[Any, Any]:
+        if self._model is None:
+            raise RuntimeError(f"{self.name} is not loaded")
+        return self._model, self._tokenizer
+
