@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from backends import ContextLengthExceededError, GenerationOutcome, GenerationParams, ModelLoadError
+from backends.errors import CredentialsError
 from backends.huggingface_local import (
     IncrementalDetokenizer,
     Placement,
@@ -248,3 +249,19 @@ def test_checkpoint_sources_and_their_errors(tmp_path: Path, checkpoint: Path) -
         find_model_source(smol_hf_entry("x", tmp_path / "missing"))
     with pytest.raises(ModelLoadError, match=r"nobody/not-cached.*not reachable"):
         find_model_source(smol_hf_entry("x", Path("unused"), huggingface_id="nobody/not-cached"))
+
+
+def test_gated_checkpoint_needs_a_token_only_for_the_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, checkpoint: Path
+) -> None:
+    # The same key lookup as the llama.cpp backend (backends.credentials), asked only when the hub is.
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CredentialsError, match="requires_api_key"):
+        find_model_source(smol_hf_entry("gated", Path("unused"), huggingface_id="meta/gated", requires_api_key=True))
+    assert find_model_source(smol_hf_entry("gated-local", checkpoint, requires_api_key=True)).directory == checkpoint
+    monkeypatch.setenv("HF_TOKEN", "hf_planted_token")
+    with pytest.raises(ModelLoadError) as caught:  # offline: the token is found, the cache is empty
+        find_model_source(smol_hf_entry("gated", Path("unused"), huggingface_id="meta/gated", requires_api_key=True))
+    assert "meta/gated" in caught.value.message and "hf_planted_token" not in caught.value.message
