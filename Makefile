@@ -20,7 +20,7 @@ test: $(VENV)/.installed-test lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check backends proxy admin tests
+	$(BIN)/ruff check backends proxy admin tests scripts
 	$(BIN)/mypy
 
 install: $(VENV)/.installed
