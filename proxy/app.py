@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,12 +12,24 @@ from litestar import Litestar
 from litestar.datastructures import State
 
 from backends import LoadOptions, ModelRegistry, create_model
+from proxy.admin_api import AdminAPIController
 from proxy.errors import EXCEPTION_HANDLERS
-from proxy.manager import ModelFactory, ModelManager
+from proxy.manager import ManagerSettings, ModelFactory, ModelManager
 from proxy.routes import DEPENDENCIES, HealthController, OpenAIController
 from proxy.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def manager_settings(settings: Settings) -> ManagerSettings:
+    return ManagerSettings(
+        autoload=settings.autoload,
+        max_queue=settings.max_queue,
+        idle_unload=settings.idle_unload,
+        max_loaded=settings.max_loaded,
+        max_memory=settings.max_memory,
+        unload_timeout=settings.unload_timeout,
+    )
 
 
 def create_app(
@@ -37,15 +50,21 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         options = LoadOptions(context_size=settings.context_size)
-        manager = ModelManager(registry, options, model_factory or create_model)
+        manager = ModelManager(registry, options, model_factory or create_model, manager_settings(settings))
         app.state.manager = manager
+        for name in settings.preload:
+            logger.info("preloading %s", name)
+            await manager.load(name)  # a model that cannot load stops the start-up, with its error
+        idle_unloader = asyncio.create_task(manager.run_idle_unloader()) if settings.idle_unload else None
         try:
             yield
         finally:
+            if idle_unloader is not None:
+                idle_unloader.cancel()
             await manager.close()
 
     return Litestar(
-        route_handlers=[OpenAIController, HealthController],
+        route_handlers=[OpenAIController, HealthController, AdminAPIController],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from backends import BackendError, GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from backends import BackendError, GenerationOutcome, GenerationParams, PreparedPrompt
 from proxy.errors import APIError
 from proxy.generation import generate_text
 from proxy.manager import ModelManager
@@ -79,20 +79,25 @@ class ChatCompletionService:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    async def prepare(self, request: ChatCompletionRequest) -> tuple[Model, PreparedPrompt, GenerationParams]:
-        """Everything that can fail before the first byte: lookup, load, template, context check."""
+    async def prepare(self, request: ChatCompletionRequest) -> tuple[PreparedPrompt, GenerationParams]:
+        """Everything that can fail before the first byte: lookup, admission, load, template, context check."""
         messages = message_dicts(request.messages)
         # Request errors first: a bad request never makes the server load a model.
         params = generation_params(request, self.manager.registry.resolve(request.model))
-        model = await self.manager.get(request.model)
+        model = await self.manager.ensure_loaded(request.model)
         prompt = await asyncio.to_thread(model.prepare, messages, params)
-        return model, prompt, params
+        return prompt, params
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
-        model, prompt, params = await self.prepare(request)
+        prompt, params = await self.prepare(request)
         outcome = GenerationOutcome()
-        async with self.manager.running(model), aclosing(generate_text(model, prompt, params, outcome)) as deltas:
+        async with (
+            self.manager.lease(request.model) as lease,
+            aclosing(generate_text(lease.model, prompt, params, outcome, lease.cancel)) as deltas,
+        ):
             content = "".join([delta async for delta in deltas])
+        if lease.reason:
+            raise APIError(503, lease.reason, code="model_unloaded")
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -106,12 +111,12 @@ class ChatCompletionService:
 
     async def stream(self, request: ChatCompletionRequest) -> AsyncIterator[bytes]:
         """Validate and prepare now (errors become HTTP errors), then return the SSE body."""
-        model, prompt, params = await self.prepare(request)
+        prompt, params = await self.prepare(request)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return self._events(request.model, model, prompt, params, include_usage)
+        return self._events(request.model, prompt, params, include_usage)
 
     async def _events(
-        self, name: str, model: Model, prompt: PreparedPrompt, params: GenerationParams, include_usage: bool
+        self, name: str, prompt: PreparedPrompt, params: GenerationParams, include_usage: bool
     ) -> AsyncIterator[bytes]:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -130,10 +135,15 @@ class ChatCompletionService:
 
         outcome = GenerationOutcome()
         try:
-            async with self.manager.running(model), aclosing(generate_text(model, prompt, params, outcome)) as deltas:
+            # Waiting in the model's queue happens here, after the headers: a client that leaves while queued
+            # cancels this generator, which takes it out of the queue.
+            async with self.manager.lease(name) as lease:
                 yield chunk(Delta(role="assistant", content=""))
-                async for delta in deltas:
-                    yield chunk(Delta(content=delta))
+                async with aclosing(generate_text(lease.model, prompt, params, outcome, lease.cancel)) as deltas:
+                    async for delta in deltas:
+                        yield chunk(Delta(content=delta))
+            if lease.reason:
+                raise APIError(503, lease.reason, code="model_unloaded")
             yield chunk(Delta(), outcome.finish_reason)
             if include_usage:
                 yield sse(
@@ -146,6 +156,9 @@ class ChatCompletionService:
                         usage=usage_of(outcome),
                     )
                 )
+        except APIError as exc:
+            logger.warning("%s: stream ended early: %s", name, exc.message)
+            yield sse(exc.body())
         except BackendError as exc:
             logger.warning("%s: generation failed mid-stream: %s", name, exc.message)
             yield sse(APIError.from_backend(exc).body())

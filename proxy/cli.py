@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from backends.registry import ModelRegistry, RegistryFileError, registry_sources
-from proxy.settings import Settings
+from proxy.settings import Settings, parse_memory
 
 logger = logging.getLogger("clemproxy")
 
@@ -19,6 +19,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"CLEMPROXY_{name}", default)
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in _env(name, "").split(",") if item.strip()]
 
 
 def _env_registries() -> list[Path]:
@@ -57,7 +61,55 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-size",
         type=int,
         default=int(_env("CONTEXT_SIZE", "4096")),
-        help="llama.cpp context size for entries without context_size (env CLEMPROXY_CONTEXT_SIZE)",
+        help="context window for entries without context_size (env CLEMPROXY_CONTEXT_SIZE)",
+    )
+    serve.add_argument(
+        "--no-autoload",
+        dest="autoload",
+        action="store_false",
+        default=_env("AUTOLOAD", "1").lower() not in ("0", "false", "no"),
+        help="do not load models on their first request; an unloaded model answers 503 (env CLEMPROXY_AUTOLOAD=0)",
+    )
+    serve.add_argument(
+        "--preload",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="load this model at startup, repeatable (env CLEMPROXY_PRELOAD, comma-separated)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(_env("MAX_QUEUE", "16")),
+        help="requests that may wait per model beyond the running ones; more get 503 (env CLEMPROXY_MAX_QUEUE)",
+    )
+    serve.add_argument(
+        "--idle-unload",
+        type=float,
+        default=float(_env("IDLE_UNLOAD", "0")),
+        metavar="SECONDS",
+        help="unload a model that has served nothing for this long; 0: never (env CLEMPROXY_IDLE_UNLOAD)",
+    )
+    serve.add_argument(
+        "--max-loaded",
+        type=int,
+        default=int(_env("MAX_LOADED", "0")),
+        help="models loaded at once; a load beyond it unloads the least recently used idle one; 0: no bound "
+        "(env CLEMPROXY_MAX_LOADED)",
+    )
+    serve.add_argument(
+        "--max-memory",
+        type=parse_memory,
+        default=parse_memory(_env("MAX_MEMORY", "0")),
+        metavar="SIZE",
+        help="memory for loaded model weights, like 8G, 512MiB or 50%% of RAM; 0: no bound (env CLEMPROXY_MAX_MEMORY)",
+    )
+    serve.add_argument(
+        "--unload-timeout",
+        type=float,
+        default=float(_env("UNLOAD_TIMEOUT", "30")),
+        metavar="SECONDS",
+        help="how long an unload waits for running requests before cancelling them (env CLEMPROXY_UNLOAD_TIMEOUT)",
     )
 
     check = commands.add_parser("check", help="validate the registries and list every problem")
@@ -77,6 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             log_level=args.log_level,
             context_size=args.context_size,
+            autoload=args.autoload,
+            preload=tuple(args.preload if args.preload is not None else _env_list("PRELOAD")),
+            max_queue=args.max_queue,
+            idle_unload=args.idle_unload,
+            max_loaded=args.max_loaded,
+            max_memory=args.max_memory,
+            unload_timeout=args.unload_timeout,
         )
     )
 

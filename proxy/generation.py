@@ -13,7 +13,11 @@ _DONE = object()
 
 
 async def generate_text(
-    model: Model, prompt: PreparedPrompt, params: GenerationParams, outcome: GenerationOutcome
+    model: Model,
+    prompt: PreparedPrompt,
+    params: GenerationParams,
+    outcome: GenerationOutcome,
+    cancel: threading.Event | None = None,
 ) -> AsyncGenerator[str, None]:
     """Cleaned text deltas as the model produces them.
 
@@ -24,7 +28,7 @@ async def generate_text(
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
-    cancel = threading.Event()
+    cancel = cancel or threading.Event()  # also set from outside: an unload that cannot wait any longer
 
     def put(item: Any) -> None:
         try:

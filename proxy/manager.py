@@ -1,63 +1,462 @@
 """``ModelManager``: the one owner of every loaded model.
 
-For now it loads a model on its first request and keeps it; loads are
-serialised per model (two concurrent first requests load it once), and a
-model runs one generation at a time, since a llama.cpp context is not
-thread-safe. Blocking work runs on worker threads.
+Each registry name has a ``ModelSlot`` with a state (``unloaded``, ``loading``,
+``loaded``, ``unloading``, ``failed``). Loads and unloads of one model are
+serialised by the slot's ``transition`` lock: two concurrent loads load once,
+an unload during a load waits for it, a failed load leaves the model
+retryable. Requests take a ``Lease`` on a loaded model: up to the model's
+concurrency run at once, the rest wait in FIFO order, and beyond
+``max_queue`` waiting ones the server answers 503 with ``Retry-After``
+(ollama's scheduler works the same way). Residency is bounded by a model
+count and/or a memory budget: a load first unloads the least recently used
+idle model, and waits rather than evict one that is serving. Blocking model
+work runs on worker threads; the event loop only awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
-from backends import LoadOptions, Model, ModelRegistry, ModelSpec, create_model
+from backends import BackendError, LoadOptions, Model, ModelRegistry, ModelSpec, create_model
+from proxy.errors import APIError
 
 logger = logging.getLogger(__name__)
 
 ModelFactory = Callable[[ModelSpec, LoadOptions], Model]
 
+# Registry keys a load request may override, and what each accepts.
+PLACEMENT_OVERRIDES: dict[str, Callable[[Any], bool]] = {
+    "execute_on": lambda v: v in ("gpu", "cpu"),
+    "gpu_layers_offloaded": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+}
+# How many generations a model runs at once unless its entry sets ``concurrency``: a llama.cpp context is
+# not thread-safe; a transformers model runs independent forward passes side by side.
+DEFAULT_CONCURRENCY = {"llamacpp": 1, "huggingface_local": 2}
+
+
+class ModelState(StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    autoload: bool = True  # load a model on its first request; else an unloaded model answers 503
+    max_queue: int = 16  # waiting requests per model beyond the running ones; more get 503
+    idle_unload: float = 0.0  # seconds without a request before a model is unloaded; 0: never
+    max_loaded: int = 0  # models loaded at once; 0: no bound
+    max_memory: int = 0  # bytes of model weights loaded at once; 0: no bound
+    unload_timeout: float = 30.0  # how long an unload waits for running requests before cancelling them
+    retry_after: int = 2  # seconds, in the Retry-After header of a 503
+
+
+class Lease:
+    """One request's hold on a loaded model; ``stop`` ends its generation early with a reason."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.cancel = threading.Event()
+        self.reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.reason = reason
+        self.cancel.set()
+
+
+class ModelSlot:
+    """Everything the manager knows about one registry name."""
+
+    def __init__(self, name: str, spec: ModelSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.state = ModelState.UNLOADED
+        self.model: Model | None = None
+        self.error: str | None = None
+        self.error_at: float | None = None
+        self.failures = 0  # failed loads so far; a request waiting on a load fails with it, later ones retry
+        self.loaded_at: float | None = None
+        self.load_seconds: float | None = None
+        self.last_used: float | None = None
+        self.requests_served = 0
+        self.recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent generations
+        self.override: dict[str, Any] = {}  # placement keys the current load was given
+        self.running: set[Lease] = set()
+        self.queue: deque[object] = deque()  # FIFO tickets of waiting requests
+        self.changed = asyncio.Condition()  # notified on every change of state, running or queue
+        self.transition = asyncio.Lock()  # held by a load or an unload of this model
+        self.pending_load: asyncio.Future[None] | None = None  # a load started on behalf of waiting requests
+
+    @property
+    def concurrency(self) -> int:
+        configured = self.spec.get("concurrency")
+        if isinstance(configured, int) and configured > 0:
+            return configured
+        return DEFAULT_CONCURRENCY.get(str(self.spec.get("backend")), 1)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.queue)
+
+    @property
+    def model_bytes(self) -> int:
+        info = self.model.load_info() if self.model is not None else {}
+        return int(info.get("model_bytes") or 0)
+
+    def tokens_per_second(self) -> float | None:
+        tokens = sum(t for t, _ in self.recent)
+        seconds = sum(s for _, s in self.recent)
+        return round(tokens / seconds, 1) if seconds > 0 and tokens else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "error": self.error,
+            "error_at": self.error_at,
+            "loaded_at": self.loaded_at,
+            "load_seconds": self.load_seconds,
+            "last_used": self.last_used,
+            "in_flight": len(self.running),
+            "queued": len(self.queue),
+            "concurrency": self.concurrency,
+            "requests_served": self.requests_served,
+            "tokens_per_second": self.tokens_per_second(),
+            "override": dict(self.override),
+            "loaded": self.model.load_info() if self.model is not None and self.state == ModelState.LOADED else None,
+        }
+
+
+def overloaded(message: str, retry_after: int) -> APIError:
+    return APIError(503, message, code="model_overloaded", headers={"Retry-After": str(retry_after)})
+
 
 class ModelManager:
-    def __init__(self, registry: ModelRegistry, options: LoadOptions, factory: ModelFactory = create_model) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        options: LoadOptions,
+        factory: ModelFactory = create_model,
+        settings: ManagerSettings | None = None,
+    ) -> None:
         self.registry = registry
         self.options = options
+        self.settings = settings or ManagerSettings()
         self._factory = factory
-        self._models: dict[str, Model] = {}
-        self._load_locks: dict[str, asyncio.Lock] = {}
-        self._run_locks: dict[str, asyncio.Lock] = {}
+        self._slots: dict[str, ModelSlot] = {}
+        self._residency = asyncio.Condition()  # serialises making room; notified when a model frees up
+        self._closing = False
 
-    def loaded_names(self) -> list[str]:
-        return [name for name, model in self._models.items() if model.is_loaded]
+    # --- views ---------------------------------------------------------------------------------------
+
+    def slot(self, name: str) -> ModelSlot:
+        """The slot of a servable registry name; 404 for an unknown name, 400 for an invalid entry."""
+        spec = self.registry.resolve(name)
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = ModelSlot(name, spec)
+        return slot
+
+    def existing_slot(self, name: str) -> ModelSlot | None:
+        return self._slots.get(name)
 
     def loaded(self, name: str) -> Model | None:
         """The model loaded for a registry name, if any; loads nothing."""
-        model = self._models.get(name)
-        return model if model is not None and model.is_loaded else None
+        slot = self._slots.get(name)
+        return slot.model if slot is not None and slot.state == ModelState.LOADED else None
 
-    async def get(self, name: str) -> Model:
-        """The loaded model for a registry name, loading it first if needed."""
-        spec = self.registry.resolve(name)  # 404 / 400 before anything is loaded
-        model = self._models.get(name)
-        if model is not None and model.is_loaded:
-            return model
-        async with self._load_locks.setdefault(name, asyncio.Lock()):
-            model = self._models.get(name)
-            if model is None or not model.is_loaded:
-                model = self._factory(spec, self.options)
-                await asyncio.to_thread(model.load)
-                self._models[name] = model
-        return model
+    def loaded_names(self) -> list[str]:
+        return [name for name, slot in self._slots.items() if slot.state == ModelState.LOADED]
+
+    def loaded_bytes(self) -> int:
+        return sum(slot.model_bytes for slot in self._slots.values() if slot.state == ModelState.LOADED)
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    def admit(self, name: str) -> ModelSlot:
+        """Refuse now (503) what could not even wait: a full queue, or an unloaded model without autoload."""
+        slot = self.slot(name)
+        if self._closing:
+            raise overloaded("The server is shutting down", self.settings.retry_after)
+        if not self.settings.autoload and slot.state in (ModelState.UNLOADED, ModelState.FAILED):
+            raise APIError(
+                503,
+                f"The model '{name}' is not loaded and this server does not load models on demand "
+                "(--no-autoload); load it from the admin page or POST /admin/api/models/{name}/load",
+                code="model_not_loaded",
+                param="model",
+                headers={"Retry-After": str(self.settings.retry_after)},
+            )
+        free = max(0, slot.concurrency - len(slot.running))  # requests that will start as soon as they can
+        if len(slot.queue) >= self.settings.max_queue + free:
+            raise overloaded(
+                f"The model '{name}' is busy: {len(slot.running)} requests running and {len(slot.queue)} waiting "
+                f"(the limit is {self.settings.max_queue}); retry later",
+                self.settings.retry_after,
+            )
+        return slot
+
+    async def ensure_loaded(self, name: str) -> Model:
+        """The loaded model, loading it first when autoload allows; raises the load's own error."""
+        slot = self.admit(name)
+        if slot.state != ModelState.LOADED:
+            await self._load(slot, None)
+        if slot.model is None:  # unloaded again in the meantime; lease() will reload it
+            return await self.ensure_loaded(name)
+        return slot.model
 
     @asynccontextmanager
-    async def running(self, model: Model) -> AsyncIterator[Model]:
-        """Hold the model's generation slot for the duration of one generation."""
-        async with self._run_locks.setdefault(model.name, asyncio.Lock()):
-            yield model
+    async def lease(self, name: str) -> AsyncIterator[Lease]:
+        """Wait for a turn on the model (loading it if need be) and hold it for one generation."""
+        slot = self.admit(name)
+        ticket = object()
+        failures_seen = slot.failures
+        async with slot.changed:
+            slot.queue.append(ticket)
+            slot.changed.notify_all()
+            try:
+                while True:
+                    if slot.queue[0] is ticket:
+                        if slot.state == ModelState.LOADED and len(slot.running) < slot.concurrency:
+                            break
+                        if slot.state == ModelState.FAILED and slot.failures != failures_seen:
+                            raise APIError(500, slot.error or "The model failed to load", code="model_load_failed")
+                        if slot.state in (ModelState.UNLOADED, ModelState.FAILED) and (
+                            slot.pending_load is None or slot.pending_load.done()
+                        ):
+                            if not self.settings.autoload:
+                                self.admit(name)  # raises the 503 that explains why
+                            failures_seen = slot.failures
+                            slot.pending_load = asyncio.ensure_future(self._load_quietly(slot))
+                    await slot.changed.wait()
+            except BaseException:
+                slot.queue.remove(ticket)
+                slot.changed.notify_all()
+                raise
+            slot.queue.popleft()
+            assert slot.model is not None
+            lease = Lease(slot.model)
+            slot.running.add(lease)
+            slot.last_used = time.time()
+            slot.changed.notify_all()
+        started = time.monotonic()
+        tokens_before = lease.model.tokens_generated
+        try:
+            yield lease
+        finally:
+            async with slot.changed:
+                slot.running.discard(lease)
+                slot.last_used = time.time()
+                slot.requests_served += 1
+                slot.recent.append((lease.model.tokens_generated - tokens_before, time.monotonic() - started))
+                slot.changed.notify_all()
+            async with self._residency:
+                self._residency.notify_all()
+
+    async def _load_quietly(self, slot: ModelSlot) -> None:
+        """A load started for waiting requests; they see its outcome in the slot."""
+        try:
+            await self._load(slot, None)
+        except (BackendError, APIError):
+            pass  # recorded in the slot as FAILED, with its message
+        except Exception:
+            logger.exception("%s: load failed", slot.name)
+
+    # --- load and unload -----------------------------------------------------------------------------
+
+    async def load(self, name: str, override: Mapping[str, Any] | None = None) -> ModelSlot:
+        """Load a model (no-op when it is loaded with the same placement); raises the load's error."""
+        slot = self.slot(name)
+        override = dict(override or {})
+        for key, value in override.items():
+            check = PLACEMENT_OVERRIDES.get(key)
+            if check is None:
+                allowed = ", ".join(PLACEMENT_OVERRIDES)
+                raise APIError(400, f"'{key}' cannot be set for a load; only {allowed} can", param=key)
+            if not check(value):
+                raise APIError(400, f"Invalid value {value!r} for '{key}'", param=key, code="invalid_value")
+        await self._load(slot, override)
+        return slot
+
+    async def _load(self, slot: ModelSlot, override: dict[str, Any] | None) -> None:
+        async with slot.transition:
+            if slot.state == ModelState.LOADED:
+                if override is not None and override != slot.override:
+                    raise APIError(
+                        409,
+                        f"The model '{slot.name}' is loaded with placement {slot.override or 'from its entry'}; "
+                        "unload it before loading it with another",
+                        code="model_already_loaded",
+                    )
+                return
+            spec = ModelSpec.from_dict({**slot.spec.to_dict(), **override}) if override else slot.spec
+            await self._make_room(slot)  # and marks the slot LOADING
+            started = time.monotonic()
+            model = self._factory(spec, self.options)
+            try:
+                await asyncio.to_thread(model.load)
+            except BaseException as exc:
+                message = exc.message if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+                logger.warning("%s: load failed: %s", slot.name, message)
+                async with slot.changed:
+                    slot.state = ModelState.FAILED
+                    slot.error, slot.error_at = message, time.time()
+                    slot.failures += 1
+                    slot.changed.notify_all()
+                await self._notify_residency()
+                raise
+            async with slot.changed:
+                slot.model = model
+                slot.override = dict(override or {})
+                slot.state = ModelState.LOADED
+                slot.error = slot.error_at = None
+                slot.loaded_at, slot.load_seconds = time.time(), round(time.monotonic() - started, 3)
+                slot.last_used = slot.last_used or slot.loaded_at
+                slot.changed.notify_all()
+            logger.info("%s: loaded in %.1f s", slot.name, slot.load_seconds)
+        await self._evict_over_budget(keep=slot)
+
+    async def unload(self, name: str, timeout: float | None = None) -> ModelSlot:
+        """Unload a model once its running requests finish (cancelled after ``timeout``); a failed model is reset."""
+        slot = self.slot(name)
+        await self._unload(slot, self.settings.unload_timeout if timeout is None else timeout)
+        return slot
+
+    async def _unload(self, slot: ModelSlot, timeout: float) -> None:
+        async with slot.transition:
+            if slot.state == ModelState.FAILED:
+                await self._set_state(slot, ModelState.UNLOADED)
+                return
+            if slot.state != ModelState.LOADED:
+                return
+            await self._set_state(slot, ModelState.UNLOADING)
+            async with slot.changed:
+                try:
+                    await asyncio.wait_for(slot.changed.wait_for(lambda: not slot.running), timeout)
+                except TimeoutError:
+                    reason = f"The model '{slot.name}' was unloaded while this request was generating"
+                    logger.warning("%s: cancelling %d running requests to unload", slot.name, len(slot.running))
+                    for lease in slot.running:
+                        lease.stop(reason)
+                    await slot.changed.wait_for(lambda: not slot.running)
+            model, slot.model = slot.model, None
+            if model is not None:
+                await asyncio.to_thread(model.unload)
+                del model
+                gc.collect()
+            async with slot.changed:
+                slot.state = ModelState.UNLOADED
+                slot.override = {}
+                slot.loaded_at = slot.load_seconds = None
+                slot.changed.notify_all()
+            logger.info("%s: unloaded", slot.name)
+        await self._notify_residency()
+
+    async def _set_state(self, slot: ModelSlot, state: ModelState) -> None:
+        async with slot.changed:
+            slot.state = state
+            slot.changed.notify_all()
+
+    async def _notify_residency(self) -> None:
+        async with self._residency:
+            self._residency.notify_all()
+
+    # --- residency -----------------------------------------------------------------------------------
+
+    def _resident(self, exclude: ModelSlot) -> list[ModelSlot]:
+        return [
+            s
+            for s in self._slots.values()
+            if s is not exclude and s.state in (ModelState.LOADING, ModelState.LOADED, ModelState.UNLOADING)
+        ]
+
+    def _over_budget(self, exclude: ModelSlot, adding: int) -> bool:
+        resident = self._resident(exclude)
+        if self.settings.max_loaded and len(resident) + adding > self.settings.max_loaded:
+            return True
+        if self.settings.max_memory:
+            used = sum(s.model_bytes for s in resident) + (exclude.model_bytes if not adding else 0)
+            return used > self.settings.max_memory
+        return False
+
+    def _eviction_candidate(self, exclude: ModelSlot) -> ModelSlot | None:
+        idle = [
+            s
+            for s in self._slots.values()
+            if s is not exclude and s.state == ModelState.LOADED and not s.busy and not s.transition.locked()
+        ]
+        return min(idle, key=lambda s: s.last_used or 0.0, default=None)
+
+    async def _make_room(self, slot: ModelSlot) -> None:
+        """Before a load: unload least recently used idle models until one more fits, waiting while all are
+        busy; then mark the slot LOADING, so that concurrent loads count it."""
+        async with self._residency:
+            while self._over_budget(slot, adding=1):
+                victim = self._eviction_candidate(slot)
+                if victim is None:
+                    logger.info("%s: waiting for a loaded model to become idle before loading", slot.name)
+                    await self._residency.wait()
+                    continue
+                logger.info("%s: unloading %s (least recently used) to make room", slot.name, victim.name)
+                self._residency.release()
+                try:
+                    await self._unload(victim, self.settings.unload_timeout)
+                finally:
+                    await self._residency.acquire()
+            await self._set_state(slot, ModelState.LOADING)
+
+    async def _evict_over_budget(self, keep: ModelSlot) -> None:
+        """After a load whose size was unknown before: unload idle models while over the memory budget."""
+        while self.settings.max_memory and self._over_budget(keep, adding=0):
+            victim = self._eviction_candidate(keep)
+            if victim is None:
+                logger.warning("over --max-memory with every other model busy; nothing unloaded")
+                return
+            await self._unload(victim, self.settings.unload_timeout)
+
+    async def unload_idle(self, now: float | None = None) -> list[str]:
+        """Unload every model that has served nothing for ``idle_unload`` seconds; returns their names."""
+        if not self.settings.idle_unload:
+            return []
+        now = time.time() if now is None else now
+        expired = [
+            s
+            for s in self._slots.values()
+            if s.state == ModelState.LOADED
+            and not s.busy
+            and now - (s.last_used or now) >= self.settings.idle_unload
+        ]
+        for slot in expired:
+            logger.info("%s: idle for %.0f s; unloading", slot.name, now - (slot.last_used or now))
+            await self._unload(slot, self.settings.unload_timeout)
+        return [s.name for s in expired]
+
+    async def run_idle_unloader(self) -> None:
+        """Background task: checks for idle models a few times per ``idle_unload`` period."""
+        interval = min(max(self.settings.idle_unload / 4, 0.01), 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.unload_idle()
+            except Exception:
+                logger.exception("idle unload failed")
 
     async def close(self) -> None:
-        models, self._models = self._models, {}
-        for model in models.values():
-            await asyncio.to_thread(model.unload)
+        """Unload everything (server shutdown)."""
+        self._closing = True
+        for slot in list(self._slots.values()):
+            try:
+                await self._unload(slot, timeout=0)
+            except Exception:
+                logger.exception("%s: unload at shutdown failed", slot.name)

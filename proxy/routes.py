@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Controller, Request, get, post
@@ -15,6 +17,8 @@ from proxy.chat import ChatCompletionService
 from proxy.errors import APIError, from_decode_error
 from proxy.manager import ModelManager
 from proxy.protocol import ChatCompletion, ChatCompletionRequest, HealthStatus, ModelCard, ModelList
+
+T = TypeVar("T")
 
 
 def provide_manager(request: Request[Any, Any, Any]) -> ModelManager:
@@ -45,6 +49,29 @@ def decode_request(body: bytes) -> ChatCompletionRequest:
         raise from_decode_error(exc) from None
 
 
+async def cancel_on_disconnect(request: Request[Any, Any, Any], work: Coroutine[Any, Any, T]) -> T:
+    """Run a non-streamed request, cancelling it when the client disconnects (while queued or generating).
+
+    Litestar watches for a disconnect only while it streams; before that, nobody would notice.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not watcher.done():
+            raise  # we are being cancelled ourselves
+        raise APIError(400, "The client closed the connection", code="client_disconnected") from None
+    finally:
+        watcher.cancel()
+
+
 def model_card(name: str, created: int) -> ModelCard:
     return ModelCard(id=name, created=created, owned_by="clemproxy")
 
@@ -65,7 +92,7 @@ class OpenAIController(Controller):
                 events,
                 headers={"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"},
             )
-        return await chat_service.complete(completion_request)
+        return await cancel_on_disconnect(request, chat_service.complete(completion_request))
 
     @get("/models")
     async def list_models(self, request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry]) -> ModelList:

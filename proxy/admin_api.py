@@ -1,0 +1,127 @@
+"""The JSON admin API: every registry entry with its state, and load / unload commands.
+
+``GET /admin/api/models`` is what the admin page shows; the POST routes are what its buttons do. A load
+answers once the model is loaded (or has failed, with the error in the OpenAI envelope); an unload once the
+model's running requests have finished or been cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from backends import ModelRegistry, RegistryEntry
+from backends.placement import requested_gpu_layers
+from proxy.errors import APIError
+from proxy.manager import ModelManager, ModelSlot
+from proxy.settings import total_memory_bytes
+
+PLACEMENT_KEYS = ("execute_on", "gpu_layers_offloaded")
+
+
+def process_rss_bytes() -> int:
+    """This process's resident memory, from /proc (Linux); 0 where that is not available."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def entry_view(registry: ModelRegistry, entry: RegistryEntry, slot: ModelSlot | None) -> dict[str, Any]:
+    spec = entry.spec
+    view: dict[str, Any] = {
+        "name": entry.name,
+        "backend": entry.backend,
+        "source": {"registry": entry.source, "index": entry.index},
+        "huggingface_id": spec.get("huggingface_id"),
+        "file": spec.get("filename") or spec.get("gguf_file"),
+        "servable": entry.is_served,
+        "shadowed": registry.is_shadowed(entry),  # an earlier entry has the same name and wins
+        "errors": [str(p) for p in entry.errors],
+        "warnings": [str(p) for p in entry.warnings],
+        "placement": {key: spec[key] for key in PLACEMENT_KEYS if key in spec},
+        "placement_default_gpu_layers": requested_gpu_layers(spec, gpu_available=True),
+    }
+    if slot is not None and not view["shadowed"]:
+        view.update(slot.describe())
+    else:
+        view.update(state="unloaded" if entry.is_served else "unservable", in_flight=0, queued=0, loaded=None)
+    return view
+
+
+def decode_override(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        override = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(override, dict):
+        raise APIError(400, "The request body must be a JSON object of placement keys", code="invalid_body")
+    return override
+
+
+class AdminAPIController(Controller):
+    path = "/admin/api"
+
+    @get("/models")
+    async def list_models(
+        self, registry: NamedDependency[ModelRegistry], manager: NamedDependency[ModelManager]
+    ) -> dict[str, Any]:
+        models = [entry_view(registry, entry, manager.existing_slot(entry.name)) for entry in registry]
+        return {
+            "models": models,
+            "loaded": manager.loaded_names(),
+            "loaded_bytes": manager.loaded_bytes(),
+            "limits": {
+                "max_loaded": manager.settings.max_loaded,
+                "max_memory": manager.settings.max_memory,
+                "max_queue": manager.settings.max_queue,
+                "idle_unload": manager.settings.idle_unload,
+                "autoload": manager.settings.autoload,
+            },
+            "process": {"rss_bytes": process_rss_bytes(), "memory_total_bytes": total_memory_bytes()},
+            "time": time.time(),
+        }
+
+    @get("/models/{name:path}")
+    async def get_model(
+        self,
+        registry: NamedDependency[ModelRegistry],
+        manager: NamedDependency[ModelManager],
+        name: FromPath[str],
+    ) -> dict[str, Any]:
+        name = name.lstrip("/")
+        entry = registry.lookup(name)
+        return entry_view(registry, entry, manager.existing_slot(name))
+
+    @post("/models/{name:path}/load", status_code=200)
+    async def load_model(
+        self,
+        request: Request[Any, Any, Any],
+        registry: NamedDependency[ModelRegistry],
+        manager: NamedDependency[ModelManager],
+        name: FromPath[str],
+    ) -> dict[str, Any]:
+        name = name.lstrip("/")
+        override = decode_override(await request.body())
+        slot = await manager.load(name, override)
+        return entry_view(registry, registry.lookup(name), slot)
+
+    @post("/models/{name:path}/unload", status_code=200)
+    async def unload_model(
+        self,
+        registry: NamedDependency[ModelRegistry],
+        manager: NamedDependency[ModelManager],
+        name: FromPath[str],
+    ) -> dict[str, Any]:
+        name = name.lstrip("/")
+        slot = await manager.unload(name)
+        return entry_view(registry, registry.lookup(name), slot)
