@@ -107,6 +107,7 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "context_size": (_is_context_size, 'a positive integer or a size like "8k"'),
     "gguf_file": (_is_str, "a string (GGUF file name)"),
     "python_package": (_is_str, "a string (name of an installed Python distribution)"),
+    "concurrency": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
 }

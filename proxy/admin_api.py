@@ -91,18 +91,17 @@ class AdminAPIController(Controller):
             "time": time.time(),
         }
 
-    @get("/models/{name:path}")
+    @get("/models/{name:str}")
     async def get_model(
         self,
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
         name: FromPath[str],
     ) -> dict[str, Any]:
-        name = name.lstrip("/")
         entry = registry.lookup(name)
         return entry_view(registry, entry, manager.existing_slot(name))
 
-    @post("/models/{name:path}/load", status_code=200)
+    @post("/models/{name:str}/load", status_code=200)
     async def load_model(
         self,
         request: Request[Any, Any, Any],
@@ -110,18 +109,16 @@ class AdminAPIController(Controller):
         manager: NamedDependency[ModelManager],
         name: FromPath[str],
     ) -> dict[str, Any]:
-        name = name.lstrip("/")
         override = decode_override(await request.body())
         slot = await manager.load(name, override)
         return entry_view(registry, registry.lookup(name), slot)
 
-    @post("/models/{name:path}/unload", status_code=200)
+    @post("/models/{name:str}/unload", status_code=200)
     async def unload_model(
         self,
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
         name: FromPath[str],
     ) -> dict[str, Any]:
-        name = name.lstrip("/")
         slot = await manager.unload(name)
         return entry_view(registry, registry.lookup(name), slot)

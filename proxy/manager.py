@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -157,6 +157,13 @@ class ModelManager:
         self._slots: dict[str, ModelSlot] = {}
         self._residency = asyncio.Condition()  # serialises making room; notified when a model frees up
         self._closing = False
+        self._background: set[asyncio.Task[None]] = set()  # referenced until done, so they are not collected
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # --- views ---------------------------------------------------------------------------------------
 
@@ -238,11 +245,12 @@ class ModelManager:
                             if not self.settings.autoload:
                                 self.admit(name)  # raises the 503 that explains why
                             failures_seen = slot.failures
-                            slot.pending_load = asyncio.ensure_future(self._load_quietly(slot))
+                            slot.pending_load = self._spawn(self._load_quietly(slot))
                     await slot.changed.wait()
             except BaseException:
                 slot.queue.remove(ticket)
                 slot.changed.notify_all()
+                self._spawn(self._notify_residency())  # the model may be idle now
                 raise
             slot.queue.popleft()
             assert slot.model is not None
@@ -325,6 +333,7 @@ class ModelManager:
                 slot.last_used = slot.last_used or slot.loaded_at
                 slot.changed.notify_all()
             logger.info("%s: loaded in %.1f s", slot.name, slot.load_seconds)
+        await self._notify_residency()  # a load waiting for room may now evict this one once it is idle
         await self._evict_over_budget(keep=slot)
 
     async def unload(self, name: str, timeout: float | None = None) -> ModelSlot:
@@ -336,7 +345,10 @@ class ModelManager:
     async def _unload(self, slot: ModelSlot, timeout: float) -> None:
         async with slot.transition:
             if slot.state == ModelState.FAILED:
-                await self._set_state(slot, ModelState.UNLOADED)
+                async with slot.changed:
+                    slot.state = ModelState.UNLOADED
+                    slot.error = slot.error_at = None
+                    slot.changed.notify_all()
                 return
             if slot.state != ModelState.LOADED:
                 return
@@ -433,9 +445,7 @@ class ModelManager:
         expired = [
             s
             for s in self._slots.values()
-            if s.state == ModelState.LOADED
-            and not s.busy
-            and now - (s.last_used or now) >= self.settings.idle_unload
+            if s.state == ModelState.LOADED and not s.busy and now - (s.last_used or now) >= self.settings.idle_unload
         ]
         for slot in expired:
             logger.info("%s: idle for %.0f s; unloading", slot.name, now - (slot.last_used or now))

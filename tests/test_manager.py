@@ -1,0 +1,362 @@
+"""The model manager over real servers with the real SmolLM2: states and the admin API, queueing and
+backpressure, idle unload, bounded residency, unload of a serving model, races, and memory after unload.
+
+Where a test must wait for the server to reach a state it polls the admin API with a deadline; nothing here
+asserts on how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import openai
+import pytest
+
+from backends import LoadOptions, ModelRegistry
+from proxy.manager import ManagerSettings, ModelManager, ModelState
+from proxy.settings import Settings, parse_memory
+from tests.conftest import SMOL, RunningServer, free_port, smol_entry, smol_hf_entry, write_registry
+
+COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+OTHER = "smol-other"  # a second llama.cpp model: the same file under another name
+
+
+def entries(checkpoint: Path | None = None) -> list[dict[str, Any]]:
+    listed = [
+        smol_entry(),
+        smol_entry(OTHER),
+        smol_entry("smol-missing-file", filename="*Q8_0.gguf"),
+        smol_entry("broken-entry", eos_to_cull="(unclosed"),
+        {"model_name": "remote-model", "backend": "openai", "model_id": "gpt-4o"},
+    ]
+    if checkpoint is not None:
+        listed.append(smol_hf_entry("smol-hf", checkpoint))
+    return listed
+
+
+def server(tmp_path: Path, **settings: Any) -> RunningServer:
+    path = write_registry(tmp_path / "model_registry.json", entries())
+    return RunningServer(ModelRegistry.from_files([path]), Settings(**settings))
+
+
+def views(srv: RunningServer) -> dict[str, Any]:
+    response = httpx.get(f"{srv.base_url}/admin/api/models", timeout=30)
+    assert response.status_code == 200
+    return {model["name"]: model for model in response.json()["models"]}
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = 60) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.01)
+
+
+def client(srv: RunningServer) -> Any:
+    return openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+class StreamInThread:
+    """A streaming chat request run on its own thread, recording every SSE line and when it finished."""
+
+    finished: ClassVar[list[str]] = []  # names in completion order, shared by the streams of one test
+
+    def __init__(self, srv: RunningServer, label: str, model: str = SMOL, max_tokens: int = 40) -> None:
+        self.label = label
+        self.lines: list[str] = []
+        self.body = {"model": model, "messages": COUNTING, "temperature": 0, "max_tokens": max_tokens, "stream": True}
+        self.url = f"{srv.base_url}/v1/chat/completions"
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with httpx.stream("POST", self.url, json=self.body, timeout=120) as response:
+            self.status = response.status_code
+            self.lines = [line for line in response.iter_lines() if line]
+        StreamInThread.finished.append(self.label)
+
+    def join(self) -> StreamInThread:
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive()
+        return self
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line[6:]) for line in self.lines if line.startswith("data: {")]
+
+    @property
+    def text(self) -> str:
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in self.events if e.get("choices"))
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [
+            e["choices"][0]["finish_reason"]
+            for e in self.events
+            if e.get("choices") and e["choices"][0]["finish_reason"]
+        ]
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[RunningServer]:
+    with server(tmp_path) as running:
+        yield running
+
+
+def test_every_entry_is_listed_with_its_state(srv: RunningServer) -> None:
+    listed = views(srv)
+    assert list(listed) == [SMOL, OTHER, "smol-missing-file", "broken-entry", "remote-model"]
+    assert listed[SMOL]["state"] == "unloaded" and listed[SMOL]["backend"] == "llamacpp"
+    assert listed[SMOL]["placement_default_gpu_layers"] == -1 and listed[SMOL]["loaded"] is None
+    assert listed["broken-entry"]["errors"] and not listed["broken-entry"]["servable"]
+    assert listed["remote-model"]["state"] == "unservable"
+
+
+def test_load_and_unload_through_the_api(srv: RunningServer) -> None:
+    loaded = httpx.post(f"{srv.base_url}/admin/api/models/{SMOL}/load", timeout=60).json()
+    assert loaded["state"] == "loaded" and loaded["loaded"]["device"] == "cpu" and loaded["load_seconds"] > 0
+    assert views(srv)[SMOL]["state"] == "loaded"
+    assert SMOL in httpx.get(f"{srv.base_url}/health").json()["loaded"]
+    client(srv).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)
+    used = views(srv)[SMOL]
+    assert used["requests_served"] == 1 and used["last_used"] >= used["loaded_at"] and used["in_flight"] == 0
+    unloaded = httpx.post(f"{srv.base_url}/admin/api/models/{SMOL}/unload", timeout=60).json()
+    assert unloaded["state"] == "unloaded" and unloaded["loaded"] is None
+    assert views(srv)[SMOL]["state"] == "unloaded"
+
+
+def test_load_with_a_placement_override(srv: RunningServer) -> None:
+    url = f"{srv.base_url}/admin/api/models/{SMOL}/load"
+    loaded = httpx.post(url, json={"execute_on": "cpu"}, timeout=60).json()
+    assert loaded["override"] == {"execute_on": "cpu"} and loaded["loaded"]["gpu_layers_requested"] == 0
+    assert httpx.post(url, json={"execute_on": "cpu"}, timeout=60).status_code == 200  # the same: nothing to do
+    conflict = httpx.post(url, json={"execute_on": "gpu"}, timeout=60)
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "model_already_loaded"
+    bad = httpx.post(url, json={"n_threads": 4}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "n_threads"
+    bad = httpx.post(url, json={"gpu_layers_offloaded": "all"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "gpu_layers_offloaded"
+
+
+def test_admin_errors_are_openai_shaped(srv: RunningServer) -> None:
+    unknown = httpx.post(f"{srv.base_url}/admin/api/models/no-such-model/load", timeout=60)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    broken = httpx.post(f"{srv.base_url}/admin/api/models/broken-entry/load", timeout=60)
+    assert broken.status_code == 400 and "eos_to_cull" in broken.json()["error"]["message"]
+
+
+def test_failed_load_is_recorded_and_retryable(srv: RunningServer) -> None:
+    url = f"{srv.base_url}/admin/api/models/smol-missing-file/load"
+    first = httpx.post(url, timeout=60)
+    assert first.status_code == 500 and "*Q8_0.gguf" in first.json()["error"]["message"]
+    failed = views(srv)["smol-missing-file"]
+    assert failed["state"] == "failed" and "*Q8_0.gguf" in failed["error"] and failed["error_at"]
+    assert httpx.post(url, timeout=60).status_code == 500  # tried again, not a cached verdict
+    with pytest.raises(openai.InternalServerError):
+        client(srv).chat.completions.create(model="smol-missing-file", messages=COUNTING, max_tokens=2)
+    assert httpx.get(f"{srv.base_url}/health").status_code == 200  # the server is fine
+    reset = httpx.post(f"{srv.base_url}/admin/api/models/smol-missing-file/unload", timeout=60).json()
+    assert reset["state"] == "unloaded" and reset["error"] is None
+
+
+def test_concurrent_requests_complete_in_order_untruncated(srv: RunningServer) -> None:
+    expected = client(srv).chat.completions.create(model=SMOL, messages=COUNTING, temperature=0, max_tokens=40)
+    StreamInThread.finished = []
+    streams = [StreamInThread(srv, "first")]
+    wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
+    for index in range(1, 4):
+        streams.append(StreamInThread(srv, f"queued-{index}"))
+        wait_until(lambda index=index: views(srv)[SMOL]["queued"] == index, f"{index} requests wait")
+    for stream in streams:
+        stream.join()
+    assert StreamInThread.finished == ["first", "queued-1", "queued-2", "queued-3"]  # FIFO, one at a time
+    for stream in streams:
+        assert stream.status == 200 and stream.lines[-1] == "data: [DONE]"
+        assert stream.finish_reasons == ["length"] and stream.text == expected.choices[0].message.content
+
+
+def test_queue_overflow_is_503_with_retry_after(tmp_path: Path) -> None:
+    with server(tmp_path, max_queue=1) as srv:
+        running = StreamInThread(srv, "running", max_tokens=120)
+        wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
+        waiting = StreamInThread(srv, "waiting")
+        wait_until(lambda: views(srv)[SMOL]["queued"] == 1, "one request waits")
+        with pytest.raises(openai.APIStatusError) as caught:
+            client(srv).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)
+        assert caught.value.status_code == 503 and caught.value.code == "model_overloaded"
+        assert int(caught.value.response.headers["retry-after"]) > 0
+        refused = httpx.post(
+            f"{srv.base_url}/v1/chat/completions",
+            json={"model": SMOL, "messages": COUNTING, "max_tokens": 2, "stream": True},
+            timeout=60,
+        )
+        assert refused.status_code == 503 and set(refused.json()["error"]) == {"message", "type", "param", "code"}
+        assert running.join().finish_reasons == ["length"] and waiting.join().finish_reasons == ["length"]
+
+
+def test_client_leaving_the_queue_is_removed_from_it(srv: RunningServer) -> None:
+    running = StreamInThread(srv, "running", max_tokens=200)
+    wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
+    for stream in (True, False):
+        body = json.dumps({"model": SMOL, "messages": COUNTING, "max_tokens": 5, "stream": stream}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as raw:
+            raw.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_until(lambda: views(srv)[SMOL]["queued"] == 1, "the request waits")
+        wait_until(lambda: views(srv)[SMOL]["queued"] == 0, "the request has left the queue")
+        assert views(srv)[SMOL]["in_flight"] == 1  # the running one is untouched
+    assert running.join().finish_reasons == ["length"]
+
+
+def test_unload_waits_for_a_running_request(srv: RunningServer) -> None:
+    stream = StreamInThread(srv, "running", max_tokens=60)
+    wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the request runs")
+    unloaded = httpx.post(f"{srv.base_url}/admin/api/models/{SMOL}/unload", timeout=120).json()
+    assert unloaded["state"] == "unloaded"
+    assert stream.join().finish_reasons == ["length"]  # finished before the unload went ahead
+
+
+def test_unload_past_its_timeout_ends_streams_with_an_error(tmp_path: Path) -> None:
+    with server(tmp_path, unload_timeout=0.2) as srv:
+        stream = StreamInThread(srv, "running", max_tokens=300)
+        wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the request runs")
+        assert httpx.post(f"{srv.base_url}/admin/api/models/{SMOL}/unload", timeout=60).json()["state"] == "unloaded"
+        stream.join()
+        assert stream.lines[-1] == "data: [DONE]" and stream.finish_reasons == []
+        error = stream.events[-1]["error"]
+        assert error["code"] == "model_unloaded" and "unloaded" in error["message"]
+
+
+def test_idle_unload(tmp_path: Path) -> None:
+    with server(tmp_path, idle_unload=0.2) as srv:
+        client(srv).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)
+        wait_until(lambda: views(srv)[SMOL]["state"] == "unloaded", "the idle model is unloaded", deadline_s=30)
+        client(srv).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)  # loads again
+
+
+def test_max_loaded_evicts_the_idle_model_never_a_busy_one(tmp_path: Path) -> None:
+    with server(tmp_path, max_loaded=1) as srv:
+        chat = client(srv)
+        for model in (SMOL, OTHER, SMOL):
+            chat.chat.completions.create(model=model, messages=COUNTING, max_tokens=2)
+            assert [name for name, v in views(srv).items() if v["state"] == "loaded"] == [model]
+        busy = StreamInThread(srv, "busy", max_tokens=80)  # on SMOL
+        wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "SMOL is busy")
+        answer = chat.chat.completions.create(model=OTHER, messages=COUNTING, max_tokens=2)  # waits for SMOL
+        assert answer.choices[0].message.content
+        busy.join()
+        assert busy.finish_reasons == ["length"] and busy.lines[-1] == "data: [DONE]"  # never cut short
+        assert [name for name, v in views(srv).items() if v["state"] == "loaded"] == [OTHER]
+
+
+def test_no_autoload_answers_503_until_loaded(tmp_path: Path) -> None:
+    with server(tmp_path, autoload=False) as srv:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client(srv).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)
+        assert caught.value.status_code == 503 and caught.value.code == "model_not_loaded"
+        assert "--no-autoload" in caught.value.message
+        httpx.post(f"{srv.base_url}/admin/api/models/{SMOL}/load", timeout=60)
+        assert client(srv).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2).choices
+
+
+def test_preload(tmp_path: Path) -> None:
+    with server(tmp_path, preload=(OTHER,)) as srv:
+        assert views(srv)[OTHER]["state"] == "loaded" and views(srv)[SMOL]["state"] == "unloaded"
+
+
+def test_parse_memory() -> None:
+    assert parse_memory("0") == 0 and parse_memory("1500") == 1500
+    assert parse_memory("8G") == 8 * 1000**3 and parse_memory("512MiB") == 512 * 1024**2
+    assert 0 < parse_memory("50%") < parse_memory("100%")
+    for bad in ("lots", "150%", "-1G"):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+
+
+async def test_load_unload_and_request_races_end_consistent() -> None:
+    registry = ModelRegistry.from_list([smol_entry(), smol_entry(OTHER)])
+    manager = ModelManager(registry, LoadOptions(), settings=ManagerSettings(max_loaded=1, max_queue=64))
+    rng = random.Random(7)
+    from proxy.chat import ChatCompletionService
+    from proxy.protocol import ChatCompletionRequest, ChatMessage
+
+    service = ChatCompletionService(manager)
+
+    async def request(name: str) -> None:
+        message = ChatMessage(role="user", content="Name three colors.")
+        await service.complete(ChatCompletionRequest(model=name, messages=[message], max_tokens=3, temperature=0))
+
+    operations = [
+        lambda n: manager.load(n),
+        lambda n: manager.unload(n),
+        request,
+    ]
+    try:
+        for _ in range(25):
+            batch = [rng.choice(operations)(rng.choice([SMOL, OTHER])) for _ in range(6)]
+            results = await asyncio.gather(*batch, return_exceptions=True)
+            unexpected = [r for r in results if isinstance(r, BaseException)]
+            assert unexpected == []
+            resident = 0
+            for name in (SMOL, OTHER):
+                slot = manager.slot(name)
+                assert slot.state in (ModelState.LOADED, ModelState.UNLOADED)
+                assert (slot.state == ModelState.LOADED) == (slot.model is not None and slot.model.is_loaded)
+                assert not slot.running and not slot.queue
+                resident += slot.state == ModelState.LOADED
+            assert resident <= 1
+    finally:
+        await manager.close()
+
+
+def rss_of(base_url: str) -> int:
+    return int(httpx.get(f"{base_url}/admin/api/models", timeout=30).json()["process"]["rss_bytes"])
+
+
+def test_memory_is_returned_after_unload(tmp_path: Path, smol_checkpoint: Path) -> None:
+    registry = write_registry(tmp_path / "model_registry.json", entries(smol_checkpoint))
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry), "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{base_url}/health"), "the server is up")
+        before = rss_of(base_url)
+        loaded = httpx.post(f"{base_url}/admin/api/models/smol-hf/load", timeout=120).json()
+        model_bytes = loaded["loaded"]["model_bytes"]
+        # The weights are memory-mapped: a generation reads every one of them into memory.
+        body = {"model": "smol-hf", "messages": COUNTING, "max_tokens": 2}
+        assert httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        with_model = rss_of(base_url)
+        httpx.post(f"{base_url}/admin/api/models/smol-hf/unload", timeout=120)
+        after = rss_of(base_url)
+        print(f"RSS before load {before >> 20} MiB, loaded {with_model >> 20} MiB, after unload {after >> 20} MiB")
+        assert with_model - before > model_bytes * 0.8  # the weights were in memory ...
+        assert with_model - after > model_bytes * 0.8  # ... and left it
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
