@@ -265,6 +265,26 @@ def test_max_loaded_evicts_the_idle_model_never_a_busy_one(tmp_path: Path) -> No
         assert [name for name, v in views(srv).items() if v["state"] == "loaded"] == [OTHER]
 
 
+def test_max_memory_evicts_to_stay_within_budget(tmp_path: Path) -> None:
+    with server(tmp_path, max_memory=parse_memory("150M")) as srv:  # one SmolLM2 GGUF is 97 MB
+        chat = client(srv)
+        chat.chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)
+        chat.chat.completions.create(model=OTHER, messages=COUNTING, max_tokens=2)
+        listed = views(srv)
+        assert listed[SMOL]["state"] == "unloaded" and listed[OTHER]["state"] == "loaded"
+
+
+def test_transformers_model_serves_two_requests_at_once(tmp_path: Path, smol_checkpoint: Path) -> None:
+    path = write_registry(tmp_path / "model_registry.json", entries(smol_checkpoint))
+    with RunningServer(ModelRegistry.from_files([path])) as srv:
+        expected = client(srv).chat.completions.create(model="smol-hf", messages=COUNTING, temperature=0, max_tokens=60)
+        streams = [StreamInThread(srv, f"stream-{i}", model="smol-hf", max_tokens=60) for i in range(2)]
+        wait_until(lambda: views(srv)["smol-hf"]["in_flight"] == 2, "both requests run at once")
+        for stream in streams:
+            stream.join()
+            assert stream.finish_reasons == ["length"] and stream.text == expected.choices[0].message.content
+
+
 def test_no_autoload_answers_503_until_loaded(tmp_path: Path) -> None:
     with server(tmp_path, autoload=False) as srv:
         with pytest.raises(openai.APIStatusError) as caught:
