@@ -225,8 +225,11 @@ class ModelManager:
 
     @asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[Lease]:
-        """Wait for a turn on the model (loading it if need be) and hold it for one generation."""
-        slot = self.admit(name)
+        """Wait for a turn on the model (loading it if need be) and hold it for one generation.
+
+        Admission (the queue bound) is ``admit``'s job, called before the response starts.
+        """
+        slot = self.slot(name)
         ticket = object()
         failures_seen = slot.failures
         async with slot.changed:
@@ -342,8 +345,10 @@ class ModelManager:
         await self._unload(slot, self.settings.unload_timeout if timeout is None else timeout)
         return slot
 
-    async def _unload(self, slot: ModelSlot, timeout: float) -> None:
+    async def _unload(self, slot: ModelSlot, timeout: float, *, only_if_idle: bool = False) -> None:
         async with slot.transition:
+            if only_if_idle and slot.busy:
+                return  # a request came in since the model was picked
             if slot.state == ModelState.FAILED:
                 async with slot.changed:
                     slot.state = ModelState.UNLOADED
@@ -423,7 +428,7 @@ class ModelManager:
                 logger.info("%s: unloading %s (least recently used) to make room", slot.name, victim.name)
                 self._residency.release()
                 try:
-                    await self._unload(victim, self.settings.unload_timeout)
+                    await self._unload(victim, self.settings.unload_timeout, only_if_idle=True)
                 finally:
                     await self._residency.acquire()
             await self._set_state(slot, ModelState.LOADING)
@@ -435,7 +440,7 @@ class ModelManager:
             if victim is None:
                 logger.warning("over --max-memory with every other model busy; nothing unloaded")
                 return
-            await self._unload(victim, self.settings.unload_timeout)
+            await self._unload(victim, self.settings.unload_timeout, only_if_idle=True)
 
     async def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload every model that has served nothing for ``idle_unload`` seconds; returns their names."""
@@ -449,7 +454,7 @@ class ModelManager:
         ]
         for slot in expired:
             logger.info("%s: idle for %.0f s; unloading", slot.name, now - (slot.last_used or now))
-            await self._unload(slot, self.settings.unload_timeout)
+            await self._unload(slot, self.settings.unload_timeout, only_if_idle=True)
         return [s.name for s in expired]
 
     async def run_idle_unloader(self) -> None:
