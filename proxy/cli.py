@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from backends.registry import ModelRegistry, RegistryFileError, registry_sources
 from proxy.settings import Settings, parse_memory
@@ -49,20 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start the server")
     add_registry(serve)
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (env CLEMPROXY_HOST)")
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="port (env CLEMPROXY_PORT)")
-    serve.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default=_env("LOG_LEVEL", "info").lower(),
-        help="log level (env CLEMPROXY_LOG_LEVEL)",
-    )
-    serve.add_argument(
-        "--context-size",
-        type=int,
-        default=int(_env("CONTEXT_SIZE", "4096")),
-        help="context window for entries without context_size (env CLEMPROXY_CONTEXT_SIZE)",
-    )
+
+    def option(flag: str, convert: Callable[[str], Any], default: str, help: str, **kwargs: Any) -> None:
+        """A flag whose default comes from CLEMPROXY_<FLAG>, which its help names."""
+        env = flag.removeprefix("--").replace("-", "_").upper()
+        serve.add_argument(
+            flag, type=convert, default=convert(_env(env, default)), help=f"{help} (env CLEMPROXY_{env})", **kwargs
+        )
+
+    option("--host", str, "127.0.0.1", "bind address")
+    option("--port", int, "8000", "port")
+    option("--log-level", str.lower, "info", "log level", choices=LOG_LEVELS)
+    option("--context-size", int, "4096", "context window for entries without context_size")
     serve.add_argument(
         "--no-autoload",
         dest="autoload",
@@ -77,39 +76,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="load this model at startup, repeatable (env CLEMPROXY_PRELOAD, comma-separated)",
     )
-    serve.add_argument(
-        "--max-queue",
-        type=int,
-        default=int(_env("MAX_QUEUE", "16")),
-        help="requests that may wait per model beyond the running ones; more get 503 (env CLEMPROXY_MAX_QUEUE)",
-    )
-    serve.add_argument(
+    option("--max-queue", int, "16", "requests that may wait per model beyond the running ones; more get 503")
+    option(
         "--idle-unload",
-        type=float,
-        default=float(_env("IDLE_UNLOAD", "0")),
+        float,
+        "0",
+        "unload a model that has served nothing for this long; 0: never",
         metavar="SECONDS",
-        help="unload a model that has served nothing for this long; 0: never (env CLEMPROXY_IDLE_UNLOAD)",
     )
-    serve.add_argument(
+    option(
         "--max-loaded",
-        type=int,
-        default=int(_env("MAX_LOADED", "0")),
-        help="models loaded at once; a load beyond it unloads the least recently used idle one; 0: no bound "
-        "(env CLEMPROXY_MAX_LOADED)",
+        int,
+        "0",
+        "models loaded at once; a load beyond it unloads the least recently used idle one; 0: no bound",
     )
-    serve.add_argument(
+    option(
         "--max-memory",
-        type=parse_memory,
-        default=parse_memory(_env("MAX_MEMORY", "0")),
+        parse_memory,
+        "0",
+        "memory for loaded model weights, like 8G, 512MiB or 50%% of RAM; 0: no bound",
         metavar="SIZE",
-        help="memory for loaded model weights, like 8G, 512MiB or 50%% of RAM; 0: no bound (env CLEMPROXY_MAX_MEMORY)",
     )
-    serve.add_argument(
+    option(
         "--unload-timeout",
-        type=float,
-        default=float(_env("UNLOAD_TIMEOUT", "30")),
+        float,
+        "30",
+        "how long an unload waits for running requests before cancelling them",
         metavar="SECONDS",
-        help="how long an unload waits for running requests before cancelling them (env CLEMPROXY_UNLOAD_TIMEOUT)",
     )
 
     check = commands.add_parser("check", help="validate the registries and list every problem")
