@@ -74,6 +74,20 @@ def test_flags_have_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"  # loopback unless told otherwise
 
 
+def test_manager_flags_and_their_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = build_parser().parse_args(["serve"])
+    assert (args.autoload, args.preload, args.max_queue, args.idle_unload) == (True, None, 16, 0.0)
+    assert (args.max_loaded, args.max_memory, args.unload_timeout) == (0, 0, 30.0)
+    monkeypatch.setenv("CLEMPROXY_AUTOLOAD", "0")
+    monkeypatch.setenv("CLEMPROXY_MAX_LOADED", "2")
+    monkeypatch.setenv("CLEMPROXY_MAX_MEMORY", "4GiB")
+    args = build_parser().parse_args(["serve", "--preload", "a", "--preload", "b", "--idle-unload", "300"])
+    assert (args.autoload, args.preload, args.idle_unload) == (False, ["a", "b"], 300.0)
+    assert (args.max_loaded, args.max_memory) == (2, 4 * 1024**3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-memory", "lots"])
+
+
 def test_serve_refuses_a_missing_registry_file(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(tmp_path / "none.json")],
