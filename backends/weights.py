@@ -258,3 +258,52 @@ def _from_hub(repo_id: str, pattern: str, extra: Sequence[str], token: str | Non
         except Exception as exc:
             raise ModelLoadError(f"Downloading '{filename}' from {where} failed: {type(exc).__name__}: {exc}") from None
     return WeightFiles(paths[0], tuple(paths[1:]), f"hub:{repo_id}")
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """Whether an entry's weights are on this machine already (no network asked), where, and how big."""
+
+    present: bool
+    where: str
+    size_bytes: int = 0
+
+
+def _size(paths: Iterable[Path]) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def local_copy(spec: Mapping[str, Any]) -> LocalCopy:
+    """Look for the weights without downloading: the package, the local directory, or the Hugging Face cache."""
+    pattern = spec.get("gguf_file") or spec.get("filename")
+    try:
+        if spec.get("python_package"):
+            files = _from_package(str(spec["python_package"]), str(pattern or "config.json"), ())
+            paths = [files.main] if pattern else list(files.main.parent.iterdir())
+            return LocalCopy(True, files.origin, _size(paths))
+        directory = local_model_dir(spec)
+        if directory is not None:
+            if pattern:
+                return LocalCopy(True, str(directory), _size([_from_directory(directory, str(pattern), ()).main]))
+            return LocalCopy((directory / "config.json").is_file(), str(directory), _size(directory.iterdir()))
+        return _hub_cache_copy(str(spec.get("huggingface_id", "")), str(pattern) if pattern else None)
+    except (ModelLoadError, OSError):
+        return LocalCopy(False, "not found")
+
+
+def _hub_cache_copy(repo_id: str, pattern: str | None) -> LocalCopy:
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    if not snapshots.is_dir():
+        return LocalCopy(False, "not in the Hugging Face cache")
+    for snapshot in sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+        files = [p for p in snapshot.rglob("*") if p.is_file()]
+        relative = [p.relative_to(snapshot).as_posix() for p in files]
+        if pattern is not None:
+            found = [f for f, r in zip(files, relative, strict=True) if matches(r, pattern)]
+        else:
+            found = files if "config.json" in relative else []
+        if found:
+            return LocalCopy(True, f"Hugging Face cache ({snapshot.parent.parent.name})", _size(found))
+    return LocalCopy(False, "not in the Hugging Face cache")

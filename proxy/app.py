@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
 from litestar.datastructures import State
+from litestar.plugins import InitPluginProtocol
 
 from backends import LoadOptions, ModelRegistry, create_model
 from proxy.admin_api import AdminAPIController
@@ -32,8 +34,27 @@ def manager_settings(settings: Settings) -> ManagerSettings:
     )
 
 
+PLUGIN_GROUP = "clemproxy.plugins"
+
+
+def installed_plugins() -> list[InitPluginProtocol]:
+    """Plugins other packages register under the ``clemproxy.plugins`` entry point, like the admin page.
+
+    The admin page builds on this layer (admin -> proxy), so it plugs itself in rather than being imported here.
+    """
+    plugins = []
+    for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        plugins.append(entry_point.load()())
+        logger.debug("plugin %s from %s", entry_point.name, entry_point.value)
+    return plugins
+
+
 def create_app(
-    settings: Settings, *, registry: ModelRegistry | None = None, model_factory: ModelFactory | None = None
+    settings: Settings,
+    *,
+    registry: ModelRegistry | None = None,
+    model_factory: ModelFactory | None = None,
+    plugins: Sequence[InitPluginProtocol] | None = None,
 ) -> Litestar:
     """Build the app. The registry is read here, so that a missing or unreadable file fails before serving."""
     registry = registry if registry is not None else ModelRegistry.from_sources(settings.registries)
@@ -70,4 +91,5 @@ def create_app(
         lifespan=[lifespan],
         state=State({"settings": settings, "registry": registry, "started_at": time.time()}),
         openapi_config=None,
+        plugins=list(installed_plugins() if plugins is None else plugins),
     )

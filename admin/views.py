@@ -1,0 +1,148 @@
+"""What the admin page shows, built from the registry and the model manager.
+
+The JSON admin API (``proxy.admin_api``) and this page read the same ``entry_view``; the page adds where the
+weights are on disk, a human-readable summary, and the machine's GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from typing import Any
+
+from backends import ModelRegistry
+from backends.weights import local_copy
+from proxy.admin_api import entry_view, process_rss_bytes
+from proxy.manager import ModelManager
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_summary() -> dict[str, Any]:
+    """Which backend can use a GPU here; asked once (importing torch takes a moment)."""
+    summary: dict[str, Any] = {"torch_cuda": False, "llamacpp_offload": False, "names": []}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            summary["torch_cuda"] = True
+            summary["names"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    try:
+        import llama_cpp
+
+        summary["llamacpp_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+    except ImportError:
+        pass
+    summary["present"] = summary["torch_cuda"] or summary["llamacpp_offload"]
+    return summary
+
+
+def row_id(name: str) -> str:
+    return "m-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def human_bytes(value: int | None) -> str:
+    if not value:
+        return "–"
+    size = float(value)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{value} B"
+
+
+def human_age(timestamp: float | None, now: float) -> str:
+    if not timestamp:
+        return "never"
+    seconds = max(0, int(now - timestamp))
+    if seconds < 60:
+        return f"{seconds} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
+
+
+def gpu_backend(backend: str | None, gpu: dict[str, Any]) -> bool:
+    """Whether this entry's backend can put layers on a GPU on this machine."""
+    return bool(gpu["llamacpp_offload"] if backend == "llamacpp" else gpu["torch_cuda"])
+
+
+def placement_asked(view: dict[str, Any]) -> str:
+    placement = view["placement"]
+    if "execute_on" in placement:
+        return f"execute_on: {placement['execute_on']}"
+    if "gpu_layers_offloaded" in placement:
+        layers = placement["gpu_layers_offloaded"]
+        return "gpu_layers_offloaded: all" if layers < 0 else f"gpu_layers_offloaded: {layers}"
+    return "default (all layers on a GPU if there is one)"
+
+
+def placement_done(loaded: dict[str, Any] | None) -> str:
+    if not loaded:
+        return ""
+    parts = [str(loaded.get("device", "?"))]
+    if loaded.get("dtype"):
+        parts.append(str(loaded["dtype"]))
+    if loaded.get("layers_total"):
+        parts.append(f"{loaded.get('layers_on_gpu', 0)}/{loaded['layers_total']} layers on GPU")
+    parts.append(human_bytes(loaded.get("model_bytes")))
+    return " · ".join(parts)
+
+
+def model_row(registry: ModelRegistry, manager: ModelManager, name: str) -> dict[str, Any]:
+    entry = registry.lookup(name)
+    return decorate(entry_view(registry, entry, manager.existing_slot(name)), entry.spec, time.time())
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_local_copy(key: tuple[tuple[str, str], ...], minute: int) -> Any:
+    return local_copy(dict(key))
+
+
+def decorate(view: dict[str, Any], spec: Any, now: float) -> dict[str, Any]:
+    """Add what only the page needs: ids, readable figures, where the weights are."""
+    gpu = gpu_summary()
+    relevant = ("huggingface_id", "filename", "gguf_file", "python_package", "lookup_source")
+    key = tuple((k, str(spec[k])) for k in relevant if k in spec)
+    copy = _cached_local_copy(key, int(now // 60)) if view["servable"] else None  # disks change; look again each minute
+    view.update(
+        row_id=row_id(view["name"]),
+        weights_present=copy.present if copy else None,
+        weights_where=copy.where if copy else "",
+        weights_size=human_bytes(copy.size_bytes) if copy and copy.present else "",
+        asked=placement_asked(view),
+        done=placement_done(view.get("loaded")),
+        last_used_text=human_age(view.get("last_used"), now),
+        gpu_possible=gpu_backend(view["backend"], gpu),
+        busy_state=view["state"] in ("loading", "unloading"),
+    )
+    return view
+
+
+def page_context(registry: ModelRegistry, manager: ModelManager, query: str = "") -> dict[str, Any]:
+    now = time.time()
+    shown = []
+    for entry in registry:
+        if query and query.lower() not in f"{entry.name} {entry.backend}".lower():
+            continue
+        view = entry_view(registry, entry, manager.existing_slot(entry.name))
+        shown.append(decorate(view, entry.spec, now))
+    return {"models": shown, "query": query, "summary": summary_context(registry, manager), "total": len(registry)}
+
+
+def summary_context(registry: ModelRegistry, manager: ModelManager) -> dict[str, Any]:
+    gpu = gpu_summary()
+    return {
+        "loaded": manager.loaded_names(),
+        "loaded_bytes": human_bytes(manager.loaded_bytes()),
+        "rss": human_bytes(process_rss_bytes()),
+        "entries": len(registry),
+        "gpu": gpu,
+        "gpu_text": ", ".join(gpu["names"]) or ("GPU offload available" if gpu["present"] else "no GPU"),
+    }

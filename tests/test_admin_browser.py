@@ -1,0 +1,130 @@
+"""The admin page in a real browser: Debian's Chromium driven by Playwright, against a real server on the
+bundled registry (plus one entry whose weights are missing). Screenshots go to tests/artifacts/admin/."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from backends import ModelRegistry
+from backends.registry import bundled_registry_path
+from tests.conftest import SMOL, RunningServer, smol_entry, write_registry
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts" / "admin"
+MISSING = "smol-missing-file"
+# What the machine's probe found Chromium needs headless here: no sandbox as root, no calls home.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    extra = write_registry(
+        tmp_path_factory.mktemp("admin") / "model_registry.json", [smol_entry(MISSING, filename="*Q8_0.gguf")]
+    )
+    with RunningServer(ModelRegistry.from_files([bundled_registry_path(), extra])) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), "Debian's chromium is missing: apt-get install chromium (make test does)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_admin(browser: Any, server: RunningServer, width: int, height: int) -> tuple[Any, list[str]]:
+    page = browser.new_page(viewport={"width": width, "height": height})
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{server.base_url}/admin")
+    page.wait_for_function("() => window.htmx !== undefined")
+    return page, requested
+
+
+def row(page: Any, name: str) -> Any:
+    return page.locator(f"tr#m-{name.replace('.', '_')}")
+
+
+def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_load_use_unload_and_a_failing_load(browser: Any, admin_server: RunningServer) -> None:
+    from playwright.sync_api import expect
+
+    page, requested = open_admin(browser, admin_server, 1280, 900)
+    smol = row(page, SMOL)
+    expect(smol.locator(".badge")).to_have_text("unloaded")
+    shot(page, "1-unloaded")
+
+    smol.locator("button.load").click()
+    expect(smol.locator(".badge")).to_have_text("loaded", timeout=60_000)  # no page reload: htmx swaps the row
+    expect(smol).to_contain_text("cpu")
+    expect(page.locator("#summary")).to_contain_text("1 of", timeout=10_000)
+    shot(page, "2-loaded")
+
+    client = openai.OpenAI(base_url=f"{admin_server.base_url}/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+    expect(smol).to_contain_text("1 served", timeout=10_000)  # the loaded row refreshes itself
+    expect(smol.locator(".last-used")).not_to_have_text("never")
+    shot(page, "3-used")
+
+    smol.locator("button.unload").click()
+    expect(smol.locator(".badge")).to_have_text("unloaded", timeout=60_000)
+
+    missing = row(page, MISSING)
+    missing.locator("button.load").click()
+    expect(missing.locator(".badge")).to_have_text("failed", timeout=60_000)
+    expect(missing.locator(".error")).to_contain_text("*Q8_0.gguf")
+    expect(missing.locator("button.load")).to_have_text("Retry")
+    shot(page, "4-failed")
+
+    page.reload()  # the same states after a full render
+    expect(row(page, MISSING).locator(".badge")).to_have_text("failed")
+    assert all(url.startswith(admin_server.base_url) for url in requested), "the page loaded something off-server"
+    page.close()
+
+
+def test_filter_and_gpu_options(browser: Any, admin_server: RunningServer) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_admin(browser, admin_server, 1280, 900)
+    page.fill("#filter", "huggingface")
+    expect(row(page, SMOL)).to_be_hidden()
+    expect(row(page, "SmolLM2-135M-Instruct")).to_be_visible()
+    page.fill("#filter", "")
+    expect(row(page, SMOL)).to_be_visible()
+    # No GPU on this machine: the GPU choices are there but disabled, with the reason next to them.
+    gpu_option = row(page, SMOL).locator("option[value=gpu]")
+    expect(gpu_option).to_be_disabled()
+    expect(row(page, SMOL)).to_contain_text("no GPU this backend can use here")
+    page.close()
+
+
+def test_phone_width_fits_the_screen(browser: Any, admin_server: RunningServer) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_admin(browser, admin_server, 390, 844)
+    expect(row(page, SMOL).locator("button.load")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
+    shot(page, "5-phone")
+    page.close()
