@@ -96,6 +96,7 @@ class ChatCompletionService:
             aclosing(generate_text(lease.model, prompt, params, outcome, lease.cancel)) as deltas,
         ):
             content = "".join([delta async for delta in deltas])
+            lease.tokens = outcome.completion_tokens
         if lease.reason:
             raise APIError(503, lease.reason, code="model_unloaded")
         return ChatCompletion(
@@ -138,10 +139,13 @@ class ChatCompletionService:
             # Waiting in the model's queue happens here, after the headers: a client that leaves while queued
             # cancels this generator, which takes it out of the queue.
             async with self.manager.lease(name) as lease:
-                yield chunk(Delta(role="assistant", content=""))
-                async with aclosing(generate_text(lease.model, prompt, params, outcome, lease.cancel)) as deltas:
-                    async for delta in deltas:
-                        yield chunk(Delta(content=delta))
+                try:
+                    yield chunk(Delta(role="assistant", content=""))
+                    async with aclosing(generate_text(lease.model, prompt, params, outcome, lease.cancel)) as deltas:
+                        async for delta in deltas:
+                            yield chunk(Delta(content=delta))
+                finally:
+                    lease.tokens = outcome.completion_tokens  # also for a client that left mid-stream
             if lease.reason:
                 raise APIError(503, lease.reason, code="model_unloaded")
             yield chunk(Delta(), outcome.finish_reason)

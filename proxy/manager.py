@@ -70,6 +70,7 @@ class Lease:
         self.model = model
         self.cancel = threading.Event()
         self.reason: str | None = None
+        self.tokens = 0  # generated under this lease, as its request counts them (for tokens per second)
 
     def stop(self, reason: str) -> None:
         self.reason = reason
@@ -262,7 +263,6 @@ class ModelManager:
             slot.last_used = time.time()
             slot.changed.notify_all()
         started = time.monotonic()
-        tokens_before = lease.model.tokens_generated
         try:
             yield lease
         finally:
@@ -270,7 +270,7 @@ class ModelManager:
                 slot.running.discard(lease)
                 slot.last_used = time.time()
                 slot.requests_served += 1
-                slot.recent.append((lease.model.tokens_generated - tokens_before, time.monotonic() - started))
+                slot.recent.append((lease.tokens, time.monotonic() - started))
                 slot.changed.notify_all()
             async with self._residency:
                 self._residency.notify_all()
