@@ -117,6 +117,19 @@ def _is_python_tokenizer(tokenizer: Any) -> bool:
     return isinstance(tokenizer, PythonBackend)
 
 
+def penalised(logits: Any, counts: Mapping[int, int], params: GenerationParams) -> Any:
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+    if not counts or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+        return logits
+    import torch
+
+    ids = torch.tensor(list(counts), device=logits.device)
+    occurrences = torch.tensor(list(counts.values()), device=logits.device, dtype=logits.dtype)
+    logits = logits.clone()
+    logits[ids] -= params.frequency_penalty * occurrences + params.presence_penalty
+    return logits
+
+
 class IncrementalDetokenizer:
     """Text deltas from token ids, one token at a time, as text-generation-inference does it.
 
@@ -327,15 +340,18 @@ class HuggingfaceLocalModel(Model):
         detokenizer = IncrementalDetokenizer(tokenizer, self._tokenizer_lock)
         next_input = torch.tensor([prompt.token_ids], device=device)
         cache = None
+        counts: dict[int, int] = {}  # generated tokens so far, for presence and frequency penalties
         with torch.inference_mode():
             while outcome.completion_tokens < prompt.max_tokens and not cancel.is_set():
                 output = model(input_ids=next_input, use_cache=True, **{self._cache_name: cache})
                 cache = getattr(output, self._cache_name)
-                token = self._next_token(output.logits[0, -1, :].float(), params, generator)
+                logits = penalised(output.logits[0, -1, :].float(), counts, params)
+                token = self._next_token(logits, params, generator)
                 if token in self._eos_ids:
                     outcome.finish_reason = "stop"
                     break
                 outcome.completion_tokens += 1
+                counts[token] = counts.get(token, 0) + 1
                 text = detokenizer.push(token)
                 if text:
                     yield text

@@ -127,6 +127,8 @@ class LlamaCppModel(Model):
             top_k=0,
             min_p=0.0,
             repeat_penalty=1.0,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
             reset=True,
         )
         try:

@@ -91,5 +91,6 @@ def create_app(
         lifespan=[lifespan],
         state=State({"settings": settings, "registry": registry, "started_at": time.time()}),
         openapi_config=None,
+        request_max_body_size=settings.max_body_size,
         plugins=list(installed_plugins() if plugins is None else plugins),
     )

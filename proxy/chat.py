@@ -55,8 +55,34 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return converted
 
 
+def refuse_unsupported(request: ChatCompletionRequest) -> None:
+    """A 400 for every field we cannot honour, rather than a response that silently ignores it."""
+    unsupported = {
+        "logprobs": bool(request.logprobs),
+        "top_logprobs": bool(request.top_logprobs),
+        "tools": bool(request.tools),
+        "tool_choice": request.tool_choice not in (None, "none"),
+        "functions": bool(request.functions),
+        "function_call": request.function_call not in (None, "none"),
+        "response_format": request.response_format not in (None, {"type": "text"}),
+        "logit_bias": bool(request.logit_bias),
+        "audio": request.audio is not None,
+        "modalities": request.modalities not in (None, ["text"]),
+        "prediction": request.prediction is not None,
+    }
+    for param, used in unsupported.items():
+        if used:
+            raise APIError(
+                400,
+                f"'{param}' is not supported by this server (clemproxy generates plain text only)",
+                param=param,
+                code="unsupported_parameter",
+            )
+
+
 def generation_params(request: ChatCompletionRequest, spec: Mapping[str, Any]) -> GenerationParams:
     """Request settings; sampling settings the request leaves out come from the entry, then OpenAI's defaults."""
+    refuse_unsupported(request)
     if request.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported", param="n", code="unsupported_value")
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
@@ -67,6 +93,8 @@ def generation_params(request: ChatCompletionRequest, spec: Mapping[str, Any]) -
         top_p=float(spec.get("top_p", 1.0)) if request.top_p is None else request.top_p,
         stop=tuple(stop),
         seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
         template_kwargs=dict(request.chat_template_kwargs or {}),
     )
 

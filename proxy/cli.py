@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "memory for loaded model weights, like 8G, 512MiB or 50%% of RAM; 0: no bound",
         metavar="SIZE",
     )
+    option("--max-body-size", parse_memory, "8MiB", "largest request body accepted; larger get 413", metavar="SIZE")
     option(
         "--unload-timeout",
         float,
@@ -129,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_loaded=args.max_loaded,
             max_memory=args.max_memory,
             unload_timeout=args.unload_timeout,
+            max_body_size=args.max_body_size,
         )
     )
 

@@ -42,3 +42,4 @@ class Settings:
     max_loaded: int = 0  # 0: no bound
     max_memory: int = 0  # bytes of loaded model weights; 0: no bound
     unload_timeout: float = 30.0  # seconds an unload waits for running requests before cancelling them
+    max_body_size: int = 8 * 1024 * 1024  # bytes of a request body; more gets 413

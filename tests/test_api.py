@@ -312,3 +312,45 @@ def test_hf_model_not_in_cache_is_a_clear_error(openai_client: Any) -> None:
         complete(openai_client, "hf-not-downloaded")
     assert caught.value.code == "model_load_failed"
     assert "nobody/not-in-cache" in caught.value.message and "not reachable" in caught.value.message
+
+
+def test_penalties_change_the_greedy_answer(openai_client: Any, variants: Variants) -> None:
+    plain = complete(openai_client, variants.plain, messages=COUNTING, max_tokens=30).choices[0].message.content
+    penalised = complete(openai_client, variants.plain, messages=COUNTING, max_tokens=30, frequency_penalty=1.5)
+    assert penalised.choices[0].message.content != plain  # repeating ", " costs more with every number
+    streamed = stream_chunks(openai_client, variants.plain, messages=COUNTING, max_tokens=30, frequency_penalty=1.5)
+    assert streamed_text(streamed) == penalised.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(openai_client, variants.plain, presence_penalty=2.5)
+    assert caught.value.body["param"] == "presence_penalty"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        ("response_format", {"type": "json_object"}),
+        ("logit_bias", {"50256": -100}),
+        ("logprobs", True),
+    ],
+)
+def test_fields_we_cannot_honour_are_refused(api_server: RunningServer, field: str, value: Any) -> None:
+    response = post(api_server, json.dumps({"model": SMOL, "messages": COLORS, field: value}))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field and error["code"] == "unsupported_parameter" and field in error["message"]
+    # Their harmless values are fine.
+    harmless = {"response_format": {"type": "text"}, "tool_choice": "none", "logprobs": False, "max_tokens": 1}
+    assert post(api_server, json.dumps({"model": SMOL, "messages": COLORS, **harmless})).status_code == 200
+
+
+def test_body_over_the_limit_is_413(tmp_path: Any) -> None:
+    from backends import ModelRegistry
+    from proxy.settings import Settings
+
+    with RunningServer(ModelRegistry.from_list([]), Settings(max_body_size=1000)) as server:
+        big = json.dumps({"model": SMOL, "messages": [{"role": "user", "content": "x" * 2000}]})
+        response = post(server, big)
+        assert response.status_code == 413
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
