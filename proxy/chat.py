@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -83,8 +84,6 @@ def refuse_unsupported(request: ChatCompletionRequest) -> None:
 def generation_params(request: ChatCompletionRequest, spec: Mapping[str, Any]) -> GenerationParams:
     """Request settings; sampling settings the request leaves out come from the entry, then OpenAI's defaults."""
     refuse_unsupported(request)
-    if request.n not in (None, 1):
-        raise APIError(400, "Only n=1 is supported", param="n", code="unsupported_value")
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     return GenerationParams(
@@ -118,13 +117,16 @@ class ChatCompletionService:
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
         prompt, params = await self.prepare(request)
-        outcome = GenerationOutcome()
-        async with (
-            self.manager.lease(request.model) as lease,
-            aclosing(generate_text(lease.model, prompt, params, outcome, lease.cancel)) as deltas,
-        ):
-            content = "".join([delta async for delta in deltas])
-            lease.tokens = outcome.completion_tokens
+        outcomes: list[GenerationOutcome] = []
+        contents: list[str] = []
+        async with self.manager.lease(request.model) as lease:
+            for choice_params in choice_parameters(params, request.n or 1):
+                outcome = GenerationOutcome()
+                outcomes.append(outcome)
+                generation = generate_text(lease.model, prompt, choice_params, outcome, lease.cancel_event())
+                async with aclosing(generation) as deltas:
+                    contents.append("".join([delta async for delta in deltas]))
+                lease.tokens += outcome.completion_tokens
         if lease.reason:
             raise APIError(503, lease.reason, code="model_unloaded")
         return ChatCompletion(
@@ -132,9 +134,10 @@ class ChatCompletionService:
             created=int(time.time()),
             model=request.model,
             choices=[
-                Choice(index=0, message=ChatCompletionMessage(content=content), finish_reason=outcome.finish_reason)
+                Choice(index=i, message=ChatCompletionMessage(content=content), finish_reason=outcome.finish_reason)
+                for i, (content, outcome) in enumerate(zip(contents, outcomes, strict=True))
             ],
-            usage=usage_of(outcome),
+            usage=usage_of(outcomes),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
@@ -142,16 +145,16 @@ class ChatCompletionService:
         """Validate and prepare now (errors become HTTP errors), then return the SSE body."""
         prompt, params = await self.prepare(request)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return self._events(request.model, prompt, params, include_usage)
+        return self._events(request.model, prompt, params, request.n or 1, include_usage)
 
     async def _events(
-        self, name: str, prompt: PreparedPrompt, params: GenerationParams, include_usage: bool
+        self, name: str, prompt: PreparedPrompt, params: GenerationParams, n: int, include_usage: bool
     ) -> AsyncIterator[bytes]:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
-        def chunk(delta: Delta, finish_reason: str | None = None) -> bytes:
-            choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+        def chunk(index: int, delta: Delta, finish_reason: str | None = None) -> bytes:
+            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
             return sse(
                 ChatCompletionChunk(
                     id=completion_id,
@@ -162,21 +165,26 @@ class ChatCompletionService:
                 )
             )
 
-        outcome = GenerationOutcome()
+        outcomes: list[GenerationOutcome] = []
         try:
             # Waiting in the model's queue happens here, after the headers: a client that leaves while queued
-            # cancels this generator, which takes it out of the queue.
+            # cancels this generator, which takes it out of the queue. With n > 1 the choices come one after
+            # the other, each with its own index, role chunk and finish_reason.
             async with self.manager.lease(name) as lease:
-                try:
-                    yield chunk(Delta(role="assistant", content=""))
-                    async with aclosing(generate_text(lease.model, prompt, params, outcome, lease.cancel)) as deltas:
-                        async for delta in deltas:
-                            yield chunk(Delta(content=delta))
-                finally:
-                    lease.tokens = outcome.completion_tokens  # also for a client that left mid-stream
-            if lease.reason:
-                raise APIError(503, lease.reason, code="model_unloaded")
-            yield chunk(Delta(), outcome.finish_reason)
+                for index, choice_params in enumerate(choice_parameters(params, n)):
+                    outcome = GenerationOutcome()
+                    outcomes.append(outcome)
+                    try:
+                        yield chunk(index, Delta(role="assistant", content=""))
+                        generation = generate_text(lease.model, prompt, choice_params, outcome, lease.cancel_event())
+                        async with aclosing(generation) as deltas:
+                            async for delta in deltas:
+                                yield chunk(index, Delta(content=delta))
+                    finally:
+                        lease.tokens += outcome.completion_tokens  # also for a client that left mid-stream
+                    if lease.reason:
+                        raise APIError(503, lease.reason, code="model_unloaded")
+                    yield chunk(index, Delta(), outcome.finish_reason)
             if include_usage:
                 yield sse(
                     ChatCompletionChunk(
@@ -185,7 +193,7 @@ class ChatCompletionService:
                         model=name,
                         choices=[],
                         system_fingerprint=SYSTEM_FINGERPRINT,
-                        usage=usage_of(outcome),
+                        usage=usage_of(outcomes),
                     )
                 )
         except APIError as exc:
@@ -204,9 +212,18 @@ class ChatCompletionService:
         yield DONE_EVENT
 
 
-def usage_of(outcome: GenerationOutcome) -> Usage:
+def usage_of(outcomes: list[GenerationOutcome]) -> Usage:
+    """The prompt counts once, however many choices were generated from it (as OpenAI counts)."""
+    prompt_tokens = outcomes[0].prompt_tokens if outcomes else 0
+    completion_tokens = sum(outcome.completion_tokens for outcome in outcomes)
     return Usage(
-        prompt_tokens=outcome.prompt_tokens,
-        completion_tokens=outcome.completion_tokens,
-        total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
     )
+
+
+def choice_parameters(params: GenerationParams, n: int) -> list[GenerationParams]:
+    """One parameter set per choice; with a seed, choice i samples with seed + i, so the choices differ but the
+    whole response is reproducible."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + index) for index in range(n)]

@@ -68,13 +68,22 @@ class Lease:
 
     def __init__(self, model: Model) -> None:
         self.model = model
-        self.cancel = threading.Event()
+        self._cancels: list[threading.Event] = []
         self.reason: str | None = None
         self.tokens = 0  # generated under this lease, as its request counts them (for tokens per second)
 
+    def cancel_event(self) -> threading.Event:
+        """A cancel flag for one generation under this lease (a request with ``n`` > 1 runs several)."""
+        event = threading.Event()
+        if self.reason is not None:
+            event.set()
+        self._cancels.append(event)
+        return event
+
     def stop(self, reason: str) -> None:
         self.reason = reason
-        self.cancel.set()
+        for event in self._cancels:
+            event.set()
 
 
 class ModelSlot:

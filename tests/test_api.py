@@ -354,3 +354,31 @@ def test_body_over_the_limit_is_413(tmp_path: Any) -> None:
         assert response.status_code == 413
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
         assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+def test_several_choices_streamed_and_not(
+    openai_client: Any, openai_schemas: dict[str, Any], variants: Variants
+) -> None:
+    sampled = {"temperature": 1.0, "seed": 7, "max_tokens": 12, "n": 3}
+    response = complete(openai_client, variants.plain, **sampled)
+    schema_validator(openai_schemas, "CreateChatCompletionResponse").validate(response.model_dump(exclude_unset=True))
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    texts = [c.message.content for c in response.choices]
+    assert len(set(texts)) > 1  # seed + index per choice: different samples ...
+    assert [
+        c.message.content for c in complete(openai_client, variants.plain, **sampled).choices
+    ] == texts  # ... reproducible
+    # The prompt counts once, the completions add up.
+    assert response.usage.prompt_tokens == complete(openai_client, variants.plain, max_tokens=12).usage.prompt_tokens
+    assert 3 <= response.usage.completion_tokens <= 3 * 12
+
+    chunks = stream_chunks(openai_client, variants.plain, stream_options={"include_usage": True}, **sampled)
+    validator = schema_validator(openai_schemas, "CreateChatCompletionStreamResponse")
+    for chunk in chunks:
+        validator.validate(chunk.model_dump(exclude_unset=True))
+    for index, text in enumerate(texts):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert [c.finish_reason for c in mine if c.finish_reason] == [response.choices[index].finish_reason]
+        assert "".join(c.delta.content or "" for c in mine) == text
+    assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens
