@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.errors import ModelLoadError
-from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt, token_logprob
 from backends.placement import ALL_LAYERS, layers_on_gpu, requested_gpu_layers
 from backends.prompting import choose_chat_template, ensure_single_bos
 from backends.weights import ModelSource, find_model_source
@@ -345,13 +345,17 @@ class HuggingfaceLocalModel(Model):
             while outcome.completion_tokens < prompt.max_tokens and not cancel.is_set():
                 output = model(input_ids=next_input, use_cache=True, **{self._cache_name: cache})
                 cache = getattr(output, self._cache_name)
-                logits = penalised(output.logits[0, -1, :].float(), counts, params)
-                token = self._next_token(logits, params, generator)
+                raw_logits = output.logits[0, -1, :].float()
+                token = self._next_token(penalised(raw_logits, counts, params), params, generator)
                 if token in self._eos_ids:
                     outcome.finish_reason = "stop"
                     break
                 outcome.completion_tokens += 1
                 counts[token] = counts.get(token, 0) + 1
+                if params.logprobs:
+                    outcome.logprobs.append(
+                        token_logprob(raw_logits.cpu().numpy(), token, params.top_logprobs, self._token_bytes)
+                    )
                 text = detokenizer.push(token)
                 if text:
                     yield text
@@ -359,6 +363,11 @@ class HuggingfaceLocalModel(Model):
         tail = detokenizer.finish()
         if tail:
             yield tail
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes: byte-level BPE pieces map back to bytes; others are decoded text."""
+        with self._tokenizer_lock:
+            return str(self._tokenizer.decode([token_id], skip_special_tokens=False)).encode("utf-8")
 
     @staticmethod
     def _next_token(logits: Any, params: GenerationParams, generator: Any) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Generator
 from typing import Any
 
 from backends.errors import ModelLoadError
-from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt, token_logprob
 from backends.placement import layers_on_gpu, requested_gpu_layers
 from backends.prompting import choose_chat_template, ensure_single_bos
 from backends.weights import find_weight_files
@@ -119,6 +119,12 @@ class LlamaCppModel(Model):
         outcome.finish_reason = "length"
         if prompt.max_tokens <= 0:
             return
+        scores: list[Any] = []  # the logits each token was sampled from, kept only when logprobs are asked for
+
+        def capture(_: Any, logits: Any) -> Any:
+            scores[:] = [logits.copy()]
+            return logits
+
         # OpenAI semantics: temperature and top_p only, so top_k and min_p are switched off.
         tokens = llm.generate(
             prompt.token_ids,
@@ -130,12 +136,19 @@ class LlamaCppModel(Model):
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             reset=True,
+            logits_processor=llama_cpp.LogitsProcessorList([capture]) if params.logprobs else None,
         )
         try:
             for token in tokens:
                 if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                     outcome.finish_reason = "stop"
                     break
+                if params.logprobs and scores:
+                    outcome.logprobs.append(
+                        token_logprob(
+                            scores[0], token, params.top_logprobs, lambda i: llm.detokenize([i], special=True)
+                        )
+                    )
                 piece = llm.detokenize([token], prev_tokens=history, special=False)
                 history.append(token)
                 outcome.completion_tokens += 1

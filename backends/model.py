@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +39,8 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: bool = False  # record each generated token's log probability in the outcome
+    top_logprobs: int = 0  # and this many most likely alternatives (0-20)
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of a token
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -53,13 +55,49 @@ class PreparedPrompt:
     max_tokens: int
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely alternatives at its position (OpenAI's shape)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+def token_logprob(
+    logits: Any, token_id: int, top_n: int, token_bytes: Callable[[int], bytes]
+) -> TokenLogprob:
+    """From one position's raw logits (a 1-D numpy array): the chosen token's log probability and the top ``top_n``.
+
+    Log probabilities are of the model's own distribution, before temperature, top_p or penalties, as OpenAI's are.
+    """
+    import numpy as np
+
+    values = np.asarray(logits, dtype=np.float64)
+    shifted = values - values.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+
+    def entry(index: int) -> tuple[str, float, tuple[int, ...]]:
+        raw = token_bytes(index)
+        return raw.decode("utf-8", errors="replace"), float(logprobs[index]), tuple(raw)
+
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+    if top_n > 0:
+        best = np.argpartition(-logprobs, top_n - 1)[:top_n]
+        top = tuple(entry(int(i)) for i in sorted(best, key=lambda i: -logprobs[i]))
+    text, logprob, raw = entry(token_id)
+    return TokenLogprob(text, logprob, raw, top)
+
+
 @dataclass
 class GenerationOutcome:
-    """Filled in while a generation runs; read once it has finished."""
+    """Filled in while a generation runs; read once it has finished (``logprobs`` also while it runs)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "length"  # "stop" (end of sequence or stop string) or "length"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
 
 
 class Model(ABC):

@@ -12,6 +12,7 @@ from contextlib import aclosing
 from typing import Any
 
 from backends import BackendError, GenerationOutcome, GenerationParams, PreparedPrompt
+from backends.model import TokenLogprob as BackendTokenLogprob
 from proxy.errors import APIError
 from proxy.generation import generate_text
 from proxy.manager import ModelManager
@@ -22,8 +23,11 @@ from proxy.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     encode,
 )
@@ -59,8 +63,6 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 def refuse_unsupported(request: ChatCompletionRequest) -> None:
     """A 400 for every field we cannot honour, rather than a response that silently ignores it."""
     unsupported = {
-        "logprobs": bool(request.logprobs),
-        "top_logprobs": bool(request.top_logprobs),
         "tools": bool(request.tools),
         "tool_choice": request.tool_choice not in (None, "none"),
         "functions": bool(request.functions),
@@ -84,6 +86,8 @@ def refuse_unsupported(request: ChatCompletionRequest) -> None:
 def generation_params(request: ChatCompletionRequest, spec: Mapping[str, Any]) -> GenerationParams:
     """Request settings; sampling settings the request leaves out come from the entry, then OpenAI's defaults."""
     refuse_unsupported(request)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     return GenerationParams(
@@ -92,6 +96,8 @@ def generation_params(request: ChatCompletionRequest, spec: Mapping[str, Any]) -
         top_p=float(spec.get("top_p", 1.0)) if request.top_p is None else request.top_p,
         stop=tuple(stop),
         seed=request.seed,
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs or 0,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         template_kwargs=dict(request.chat_template_kwargs or {}),
@@ -134,7 +140,12 @@ class ChatCompletionService:
             created=int(time.time()),
             model=request.model,
             choices=[
-                Choice(index=i, message=ChatCompletionMessage(content=content), finish_reason=outcome.finish_reason)
+                Choice(
+                    index=i,
+                    message=ChatCompletionMessage(content=content),
+                    finish_reason=outcome.finish_reason,
+                    logprobs=wire_logprobs(outcome.logprobs) if params.logprobs else None,
+                )
                 for i, (content, outcome) in enumerate(zip(contents, outcomes, strict=True))
             ],
             usage=usage_of(outcomes),
@@ -153,8 +164,17 @@ class ChatCompletionService:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
-        def chunk(index: int, delta: Delta, finish_reason: str | None = None) -> bytes:
-            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+        sent = 0  # logprob entries of the current choice already sent
+
+        def chunk(
+            index: int, delta: Delta, finish_reason: str | None = None, outcome: GenerationOutcome | None = None
+        ) -> bytes:
+            nonlocal sent
+            logprobs = None
+            if params.logprobs and outcome is not None:
+                fresh, sent = outcome.logprobs[sent:], len(outcome.logprobs)
+                logprobs = wire_logprobs(fresh)
+            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
             return sse(
                 ChatCompletionChunk(
                     id=completion_id,
@@ -174,17 +194,18 @@ class ChatCompletionService:
                 for index, choice_params in enumerate(choice_parameters(params, n)):
                     outcome = GenerationOutcome()
                     outcomes.append(outcome)
+                    sent = 0
                     try:
                         yield chunk(index, Delta(role="assistant", content=""))
                         generation = generate_text(lease.model, prompt, choice_params, outcome, lease.cancel_event())
                         async with aclosing(generation) as deltas:
                             async for delta in deltas:
-                                yield chunk(index, Delta(content=delta))
+                                yield chunk(index, Delta(content=delta), outcome=outcome)
                     finally:
                         lease.tokens += outcome.completion_tokens  # also for a client that left mid-stream
                     if lease.reason:
                         raise APIError(503, lease.reason, code="model_unloaded")
-                    yield chunk(index, Delta(), outcome.finish_reason)
+                    yield chunk(index, Delta(), outcome.finish_reason, outcome)
             if include_usage:
                 yield sse(
                     ChatCompletionChunk(
@@ -218,6 +239,20 @@ def usage_of(outcomes: list[GenerationOutcome]) -> Usage:
     completion_tokens = sum(outcome.completion_tokens for outcome in outcomes)
     return Usage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def wire_logprobs(entries: list[BackendTokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                token=entry.token,
+                logprob=entry.logprob,
+                bytes=list(entry.bytes),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(b)) for t, lp, b in entry.top],
+            )
+            for entry in entries
+        ]
     )
 
 

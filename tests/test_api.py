@@ -331,7 +331,6 @@ def test_penalties_change_the_greedy_answer(openai_client: Any, variants: Varian
         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
         ("response_format", {"type": "json_object"}),
         ("logit_bias", {"50256": -100}),
-        ("logprobs", True),
     ],
 )
 def test_fields_we_cannot_honour_are_refused(api_server: RunningServer, field: str, value: Any) -> None:
@@ -340,7 +339,7 @@ def test_fields_we_cannot_honour_are_refused(api_server: RunningServer, field: s
     error = response.json()["error"]
     assert error["param"] == field and error["code"] == "unsupported_parameter" and field in error["message"]
     # Their harmless values are fine.
-    harmless = {"response_format": {"type": "text"}, "tool_choice": "none", "logprobs": False, "max_tokens": 1}
+    harmless = {"response_format": {"type": "text"}, "tool_choice": "none", "max_tokens": 1}
     assert post(api_server, json.dumps({"model": SMOL, "messages": COLORS, **harmless})).status_code == 200
 
 
@@ -382,3 +381,27 @@ def test_several_choices_streamed_and_not(
         assert [c.finish_reason for c in mine if c.finish_reason] == [response.choices[index].finish_reason]
         assert "".join(c.delta.content or "" for c in mine) == text
     assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens
+
+
+def test_logprobs_streamed_and_not(openai_client: Any, openai_schemas: dict[str, Any], variants: Variants) -> None:
+    response = complete(openai_client, variants.plain, logprobs=True, top_logprobs=3)
+    schema_validator(openai_schemas, "CreateChatCompletionResponse").validate(response.model_dump(exclude_unset=True))
+    choice = response.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == response.usage.completion_tokens
+    assert "".join(e.token for e in entries) == choice.message.content == "1. Red\n2. Blue\n3. Green"
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert bytes(entry.bytes).decode() == entry.token
+    chunks = stream_chunks(openai_client, variants.plain, logprobs=True, top_logprobs=3)
+    validator = schema_validator(openai_schemas, "CreateChatCompletionStreamResponse")
+    for chunk in chunks:
+        validator.validate(chunk.model_dump(exclude_unset=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    assert complete(openai_client, variants.plain).choices[0].logprobs is None  # not asked, not sent
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(openai_client, variants.plain, top_logprobs=2)
+    assert caught.value.body["param"] == "top_logprobs"
