@@ -167,15 +167,20 @@ class Model(ABC):
 
     def prepare(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams) -> PreparedPrompt:
         """Render and tokenise the prompt and check it fits; raises ``ContextLengthExceededError``."""
-        text = self.render_prompt(messages, params.template_kwargs)
+        return self.prepare_text(self.render_prompt(messages, params.template_kwargs), params)
+
+    def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:
+        """Tokenise a raw prompt (no chat template: legacy completions) and check it fits."""
+        if self.chat_template is None:
+            raise RuntimeError(f"{self.name} is not loaded")
         token_ids = self.tokenize_prompt(text)
         room = self.context_size - len(token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if room <= 0 or max_tokens > room:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {self.context_size} tokens. However, you requested "
-                f"{len(token_ids) + max(max_tokens, 0)} tokens ({len(token_ids)} in the messages, "
-                f"{max(max_tokens, 0)} in the completion). Please reduce the length of the messages or completion.",
+                f"{len(token_ids) + max(max_tokens, 0)} tokens ({len(token_ids)} in the prompt, "
+                f"{max(max_tokens, 0)} in the completion). Please reduce the length of the prompt or completion.",
                 prompt_tokens=len(token_ids),
                 max_tokens=max_tokens,
                 context_size=self.context_size,

@@ -59,6 +59,29 @@ class ChatCompletionRequest(Struct):
     prediction: Any = None
 
 
+class CompletionRequest(Struct):
+    """The legacy ``/v1/completions`` request: a raw prompt, no chat template."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    prompt: Annotated[str, Meta(min_length=1)] | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+    max_tokens: Annotated[int, Meta(ge=0)] | None = 16  # OpenAI's default for this endpoint
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    echo: bool = False
+    stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    seed: int | None = None
+    user: str | None = None
+    best_of: Annotated[int, Meta(ge=1, le=20)] | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
@@ -126,6 +149,30 @@ class ChatCompletionChunk(Struct):
     system_fingerprint: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     usage: Usage | UnsetType = UNSET  # only on the last chunk, when stream_options.include_usage asks
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str
+    object: Literal["text_completion"] = "text_completion"
+    usage: Usage | UnsetType = UNSET  # on every whole response; on a stream's last chunk with include_usage
 
 
 class ModelCard(Struct):

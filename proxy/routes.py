@@ -14,9 +14,18 @@ from litestar.response import Stream
 
 from backends import ModelRegistry
 from proxy.chat import ChatCompletionService
+from proxy.completions import CompletionService
 from proxy.errors import APIError, from_decode_error
 from proxy.manager import ModelManager
-from proxy.protocol import ChatCompletion, ChatCompletionRequest, HealthStatus, ModelCard, ModelList
+from proxy.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    HealthStatus,
+    ModelCard,
+    ModelList,
+)
 
 T = TypeVar("T")
 
@@ -35,16 +44,27 @@ def provide_chat_service(manager: NamedDependency[ModelManager]) -> ChatCompleti
     return ChatCompletionService(manager)
 
 
+def provide_completion_service(manager: NamedDependency[ModelManager]) -> CompletionService:
+    return CompletionService(manager)
+
+
 DEPENDENCIES = {
     "manager": Provide(provide_manager, sync_to_thread=False),
     "registry": Provide(provide_registry, sync_to_thread=False),
     "chat_service": Provide(provide_chat_service, sync_to_thread=False),
+    "completion_service": Provide(provide_completion_service, sync_to_thread=False),
 }
 
 
-def decode_request(body: bytes) -> ChatCompletionRequest:
+# The content-type header is set directly: Litestar prefers the handler's JSON media type over the Stream's.
+SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
+R = TypeVar("R")
+
+
+def decode_body(body: bytes, kind: type[R]) -> R:
+    """Decoded here rather than by Litestar so that every shape error names its field in OpenAI's envelope."""
     try:
-        return msgspec.json.decode(body, type=ChatCompletionRequest)
+        return msgspec.json.decode(body, type=kind)
     except msgspec.DecodeError as exc:
         raise from_decode_error(exc) from None
 
@@ -83,16 +103,21 @@ class OpenAIController(Controller):
     async def chat_completions(
         self, request: Request[Any, Any, Any], chat_service: NamedDependency[ChatCompletionService]
     ) -> ChatCompletion | Stream:
-        # Decoded here rather than by Litestar so that every shape error names its field in OpenAI's envelope.
-        completion_request = decode_request(await request.body())
+        completion_request = decode_body(await request.body(), ChatCompletionRequest)
         if completion_request.stream:
             events = await chat_service.stream(completion_request)
-            # The content-type header is set directly: Litestar prefers the handler's JSON media type over the Stream's.
-            return Stream(
-                events,
-                headers={"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
+            return Stream(events, headers=SSE_HEADERS)
         return await cancel_on_disconnect(request, chat_service.complete(completion_request))
+
+    @post("/completions", status_code=200)
+    async def completions(
+        self, request: Request[Any, Any, Any], completion_service: NamedDependency[CompletionService]
+    ) -> Completion | Stream:
+        completion_request = decode_body(await request.body(), CompletionRequest)
+        if completion_request.stream:
+            events = await completion_service.stream(completion_request)
+            return Stream(events, headers=SSE_HEADERS)
+        return await cancel_on_disconnect(request, completion_service.complete(completion_request))
 
     @get("/models")
     async def list_models(self, request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry]) -> ModelList:

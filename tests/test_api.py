@@ -405,3 +405,59 @@ def test_logprobs_streamed_and_not(openai_client: Any, openai_schemas: dict[str,
     with pytest.raises(openai.BadRequestError) as caught:
         complete(openai_client, variants.plain, top_logprobs=2)
     assert caught.value.body["param"] == "top_logprobs"
+
+
+def test_legacy_completions(openai_client: Any, openai_schemas: dict[str, Any], variants: Variants) -> None:
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    response = openai_client.completions.create(
+        model=variants.plain, prompt=prompts, n=2, max_tokens=8, temperature=0, logprobs=2
+    )
+    validator = schema_validator(openai_schemas, "CreateCompletionResponse")
+    validator.validate(response.model_dump(exclude_unset=True))
+    assert response.id.startswith("cmpl-") and response.object == "text_completion"
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert response.choices[0].text == response.choices[1].text  # greedy: n copies of one answer per prompt
+    assert response.choices[2].text.startswith(" 4")  # the count goes on
+    for choice in response.choices:
+        assert "".join(choice.logprobs.tokens) == choice.text
+        assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    single = [
+        openai_client.completions.create(model=variants.plain, prompt=p, max_tokens=8, temperature=0) for p in prompts
+    ]
+    assert response.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single)  # each prompt counted once
+    assert [s.choices[0].text for s in single] == [response.choices[0].text, response.choices[2].text]
+
+    chunks = list(
+        openai_client.completions.create(
+            model=variants.plain,
+            prompt=prompts[0],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == response.choices[0].text
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1
+    validator.validate(finishing[0].model_dump(exclude_unset=True))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+    echoed = openai_client.completions.create(model=variants.plain, prompt=prompts[0], max_tokens=3, echo=True)
+    assert echoed.choices[0].text.startswith(prompts[0])
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": SMOL}, "prompt"),
+        ({"model": SMOL, "prompt": ""}, "prompt"),
+        ({"model": SMOL, "prompt": "hi", "best_of": 3}, "best_of"),
+        ({"model": SMOL, "prompt": "hi", "logprobs": 6}, "logprobs"),
+        ({"model": "no-such-model", "prompt": "hi"}, "model"),
+    ],
+)
+def test_legacy_completions_errors(api_server: RunningServer, body: dict[str, Any], param: str) -> None:
+    response = httpx.post(f"{api_server.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code in (400, 404)
+    assert response.json()["error"]["param"] == param
