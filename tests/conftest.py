@@ -153,10 +153,11 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
-# ChatML written with the bos_token/eos_token variables, which SmolLM2's GGUF fills with <|im_start|>/<|im_end|>.
+# ChatML written with the bos_token/eos_token variables, which SmolLM2's GGUF fills with <|im_start|>/<|im_end|>;
+# ``answer_prefix`` is a template variable a request can set through chat_template_kwargs.
 CHATML_VIA_SPECIAL_TOKENS = (
     "{% for m in messages %}{{ bos_token }}{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ bos_token }}assistant\n{% endif %}"
+    "{% if add_generation_prompt %}{{ bos_token }}assistant\n{{ answer_prefix | default('') }}{% endif %}"
 )
 
 

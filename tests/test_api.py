@@ -461,3 +461,39 @@ def test_legacy_completions_errors(api_server: RunningServer, body: dict[str, An
     response = httpx.post(f"{api_server.base_url}/v1/completions", json=body, timeout=60)
     assert response.status_code in (400, 404)
     assert response.json()["error"]["param"] == param
+
+
+async def test_async_client_and_the_stream_helper(api_server: RunningServer, variants: Variants) -> None:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{api_server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    whole = await client.chat.completions.create(model=variants.plain, messages=COLORS, temperature=0, max_tokens=40)
+    async with client.chat.completions.stream(
+        model=variants.plain, messages=COLORS, temperature=0, max_tokens=40
+    ) as stream:
+        async for _ in stream:
+            pass
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.content == whole.choices[0].message.content == "1. Red\n2. Blue\n3. Green"
+    assert final.choices[0].finish_reason == "stop"
+    await client.close()
+
+
+def test_stream_helper_of_the_sync_client(openai_client: Any, variants: Variants) -> None:
+    with openai_client.chat.completions.stream(
+        model=variants.plain, messages=COLORS, temperature=0, max_tokens=40
+    ) as stream:
+        text = "".join(event.delta for event in stream if event.type == "content.delta")
+    assert text == "1. Red\n2. Blue\n3. Green"
+
+
+def test_chat_template_kwargs_reach_the_template(openai_client: Any, variants: Variants) -> None:
+    plain = complete(openai_client, variants.custom_template, max_tokens=40)
+    prefixed = complete(
+        openai_client,
+        variants.custom_template,
+        max_tokens=40,
+        extra_body={"chat_template_kwargs": {"answer_prefix": "1. Red\n2."}},
+    )
+    assert prefixed.usage.prompt_tokens > plain.usage.prompt_tokens
+    assert prefixed.choices[0].message.content.startswith(" Blue")  # the model goes on from the prefix
