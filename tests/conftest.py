@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import collections
 import importlib.metadata
 import json
 import socket
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -297,16 +299,105 @@ def api_server(tmp_path_factory: pytest.TempPathFactory, smol_checkpoint: Path) 
 
 
 @pytest.fixture(scope="session")
-def openai_client(api_server: RunningServer) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{api_server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="session")
 def openai_schemas() -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(SCHEMAS.read_text(encoding="utf-8"))
     return doc
+
+
+class SchemaCheckingTransport(httpx.HTTPTransport):
+    """An httpx transport that checks every body the server sends against OpenAI's schemas: whole JSON
+    responses, and each SSE event of a stream, as the client reads them. A mismatch fails the test that made
+    the request, so every response the suite's openai client gets is validated, not only where a test asks."""
+
+    def __init__(self, schemas: dict[str, Any]) -> None:
+        super().__init__()
+        completion_chunk = json.loads(json.dumps(schemas["$defs"]["CreateCompletionResponse"]))
+        finish = completion_chunk["properties"]["choices"]["items"]["properties"]["finish_reason"]
+        # OpenAI streams "finish_reason": null until a choice ends; its schema only lists the final values.
+        completion_chunk["properties"]["choices"]["items"]["properties"]["finish_reason"] = {
+            "anyOf": [finish, {"type": "null"}]
+        }
+        defs = {**schemas["$defs"], "CompletionChunk": completion_chunk}
+        self.checked: collections.Counter[str] = collections.Counter()  # bodies or events validated, by schema
+        self.validators = {
+            name: schema_validator({"$defs": defs}, name)
+            for name in (
+                "CreateChatCompletionResponse",
+                "CreateChatCompletionStreamResponse",
+                "CreateCompletionResponse",
+                "CompletionChunk",
+                "ListModelsResponse",
+                "Model",
+                "ErrorResponse",
+            )
+        }
+
+    def schema_for(self, path: str, status: int, streamed: bool) -> str | None:
+        if status >= 400:
+            return "ErrorResponse"
+        if path.endswith("/chat/completions"):
+            return "CreateChatCompletionStreamResponse" if streamed else "CreateChatCompletionResponse"
+        if path.endswith("/completions"):
+            return "CompletionChunk" if streamed else "CreateCompletionResponse"
+        if path.endswith("/models"):
+            return "ListModelsResponse"
+        if "/models/" in path:
+            return "Model"
+        return None
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        name = self.schema_for(request.url.path, response.status_code, streamed)
+        if name is None:
+            return response
+        validator, error_validator = self.validators[name], self.validators["ErrorResponse"]
+        upstream, checked = response.stream, self.checked
+
+        def check_event(text: str) -> None:
+            for line in text.splitlines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    kind = "ErrorResponse" if "error" in event else name
+                    (error_validator if "error" in event else validator).validate(event)
+                    checked[kind] += 1
+                else:
+                    assert line in ("", "data: [DONE]"), f"unexpected SSE line {line!r}"
+
+        class Checked(httpx.SyncByteStream):
+            def __iter__(self) -> Iterator[bytes]:
+                received = b""
+                for part in upstream:
+                    received += part
+                    if streamed:  # check each event as it arrives: clients stop reading at [DONE]
+                        *events, received = received.split(b"\n\n")
+                        for event in events:
+                            check_event(event.decode())
+                    yield part
+                if streamed:
+                    check_event(received.decode())
+                else:
+                    validator.validate(json.loads(received))
+                    checked[name] += 1
+
+            def close(self) -> None:
+                upstream.close()
+
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=Checked(),
+            request=request,
+            extensions=response.extensions,
+        )
+
+
+@pytest.fixture(scope="session")
+def openai_client(api_server: RunningServer, openai_schemas: dict[str, Any]) -> Any:
+    from openai import OpenAI
+
+    http_client = httpx.Client(transport=SchemaCheckingTransport(openai_schemas), timeout=60)
+    return OpenAI(base_url=f"{api_server.base_url}/v1", api_key="unused", max_retries=0, http_client=http_client)
 
 
 def schema_validator(schemas: dict[str, Any], name: str) -> Any:

@@ -497,3 +497,15 @@ def test_chat_template_kwargs_reach_the_template(openai_client: Any, variants: V
     )
     assert prefixed.usage.prompt_tokens > plain.usage.prompt_tokens
     assert prefixed.choices[0].message.content.startswith(" Blue")  # the model goes on from the prefix
+
+
+def test_the_client_checks_every_body_against_the_schemas(openai_client: Any) -> None:
+    checked = openai_client._client._transport.checked
+    before = dict(checked)
+    complete(openai_client, max_tokens=2)
+    stream_chunks(openai_client, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        complete(openai_client, "no-such-model")
+    assert checked["CreateChatCompletionResponse"] == before.get("CreateChatCompletionResponse", 0) + 1
+    assert checked["CreateChatCompletionStreamResponse"] >= before.get("CreateChatCompletionStreamResponse", 0) + 3
+    assert checked["ErrorResponse"] == before.get("ErrorResponse", 0) + 1
