@@ -116,16 +116,7 @@ class AdminController(Controller):
             override = placement_override(await request.form())
         except APIError as exc:
             return await self._answer(request, registry, manager, name, exc.message)
-        task = in_background(request, manager.load(name, override))
-        if not request.headers.get("hx-request"):
-            await asyncio.wait({task})  # without JavaScript: answer once the load is over
-        else:
-            await asyncio.wait({task}, timeout=0.05)  # quick refusals (409, a bad choice) show at once
-        error = None
-        failure = task.exception() if task.done() else None
-        if isinstance(failure, APIError) and failure.status < 500:
-            error = failure.message  # a refusal that changes no state (409, a bad choice); failed loads show as state
-        return await self._answer(request, registry, manager, name, error)
+        return await self._run(request, registry, manager, name, manager.load(name, override))
 
     @post("/models/{name:str}/unload", status_code=200)
     async def unload(
@@ -136,9 +127,24 @@ class AdminController(Controller):
         name: FromPath[str],
     ) -> Response[str] | Redirect:
         registry.lookup(name)
-        task = in_background(request, manager.unload(name))
-        await asyncio.wait({task}, timeout=None if not request.headers.get("hx-request") else 0.05)
-        return await self._answer(request, registry, manager, name, None)
+        return await self._run(request, registry, manager, name, manager.unload(name))
+
+    async def _run(
+        self,
+        request: Request[Any, Any, Any],
+        registry: ModelRegistry,
+        manager: ModelManager,
+        name: str,
+        work: Coroutine[Any, Any, Any],
+    ) -> Response[str] | Redirect:
+        """Start a load or unload; with htmx answer with the row at once (it polls for the outcome), without
+        JavaScript once the work is over. Refusals that change no state (409, a bad choice) show in the row;
+        a failed load shows as the model's state."""
+        task = in_background(request, work)
+        await asyncio.wait({task}, timeout=0.05 if request.headers.get("hx-request") else None)
+        failure = task.exception() if task.done() else None
+        error = failure.message if isinstance(failure, APIError) and failure.status < 500 else None
+        return await self._answer(request, registry, manager, name, error)
 
     async def _answer(
         self,

@@ -217,20 +217,26 @@ class ChatCompletionService:
                         usage=usage_of(outcomes),
                     )
                 )
-        except APIError as exc:
-            logger.warning("%s: stream ended early: %s", name, exc.message)
-            yield sse(exc.body())
-        except BackendError as exc:
-            logger.warning("%s: generation failed mid-stream: %s", name, exc.message)
-            yield sse(APIError.from_backend(exc).body())
         except Exception as exc:
-            logger.exception("%s: generation failed mid-stream", name)
-            yield sse(
-                APIError(
-                    500, f"Generation failed ({type(exc).__name__}); see the server log", code="internal_error"
-                ).body()
-            )
+            yield stream_error(name, exc)
         yield DONE_EVENT
+
+
+def stream_error(name: str, exc: Exception) -> bytes:
+    """The one SSE event that ends a stream which broke after it had started; ``[DONE]`` follows it.
+
+    Called from an ``except`` block, so that an unforeseen error is logged with its traceback.
+    """
+    if isinstance(exc, APIError):
+        logger.warning("%s: stream ended early: %s", name, exc.message)
+        error = exc
+    elif isinstance(exc, BackendError):
+        logger.warning("%s: generation failed mid-stream: %s", name, exc.message)
+        error = APIError.from_backend(exc)
+    else:
+        logger.exception("%s: generation failed mid-stream", name)
+        error = APIError(500, f"Generation failed ({type(exc).__name__}); see the server log", code="internal_error")
+    return sse(error.body())
 
 
 def usage_of(outcomes: list[GenerationOutcome]) -> Usage:

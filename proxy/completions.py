@@ -7,22 +7,19 @@ A list of prompts gives ``n`` choices per prompt, indexed prompt by prompt as Op
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from backends import BackendError, GenerationOutcome, GenerationParams, PreparedPrompt
+from backends import GenerationOutcome, GenerationParams, PreparedPrompt
 from backends.model import TokenLogprob as BackendTokenLogprob
-from proxy.chat import DONE_EVENT, SYSTEM_FINGERPRINT, choice_parameters, sse, usage_of
+from proxy.chat import DONE_EVENT, SYSTEM_FINGERPRINT, choice_parameters, sse, stream_error, usage_of
 from proxy.errors import APIError
 from proxy.generation import generate_text
 from proxy.manager import ModelManager
 from proxy.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
-
-logger = logging.getLogger(__name__)
 
 
 def completion_params(request: CompletionRequest, spec: Mapping[str, Any]) -> GenerationParams:
@@ -165,19 +162,8 @@ class CompletionService:
                         index += 1
             if include_usage:
                 yield event([], outcomes)
-        except APIError as exc:
-            logger.warning("%s: stream ended early: %s", request.model, exc.message)
-            yield sse(exc.body())
-        except BackendError as exc:
-            logger.warning("%s: generation failed mid-stream: %s", request.model, exc.message)
-            yield sse(APIError.from_backend(exc).body())
         except Exception as exc:
-            logger.exception("%s: generation failed mid-stream", request.model)
-            yield sse(
-                APIError(
-                    500, f"Generation failed ({type(exc).__name__}); see the server log", code="internal_error"
-                ).body()
-            )
+            yield stream_error(request.model, exc)
         yield DONE_EVENT
 
 
