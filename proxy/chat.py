@@ -134,7 +134,7 @@ class ChatCompletionService:
                     contents.append("".join([delta async for delta in deltas]))
                 lease.tokens += outcome.completion_tokens
         if lease.reason:
-            raise APIError(503, lease.reason, code="model_unloaded")
+            raise APIError(503, lease.reason, code=lease.code)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -204,7 +204,7 @@ class ChatCompletionService:
                     finally:
                         lease.tokens += outcome.completion_tokens  # also for a client that left mid-stream
                     if lease.reason:
-                        raise APIError(503, lease.reason, code="model_unloaded")
+                        raise APIError(503, lease.reason, code=lease.code)
                     yield chunk(index, Delta(), outcome.finish_reason, outcome)
             if include_usage:
                 yield sse(

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
+
+import uvicorn
 
 from backends.registry import ModelRegistry, RegistryFileError, registry_sources
 from proxy.settings import Settings, parse_memory
@@ -97,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "memory for loaded model weights, like 8G, 512MiB or 50%% of RAM; 0: no bound",
         metavar="SIZE",
     )
+    option(
+        "--shutdown-timeout",
+        float,
+        "30",
+        "on SIGTERM/SIGINT, how long running requests may finish before they are ended",
+        metavar="SECONDS",
+    )
     option("--max-body-size", parse_memory, "8MiB", "largest request body accepted; larger get 413", metavar="SIZE")
     option(
         "--unload-timeout",
@@ -131,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_memory=args.max_memory,
             unload_timeout=args.unload_timeout,
             max_body_size=args.max_body_size,
+            shutdown_timeout=args.shutdown_timeout,
         )
     )
 
@@ -158,8 +171,6 @@ def check(registries: Sequence[Path]) -> int:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     from proxy.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -174,8 +185,38 @@ def serve(settings: Settings) -> int:
         settings.port,
         ", ".join(str(p) for p in registry_sources(settings.registries)),
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    DrainingServer(config, app, settings.shutdown_timeout).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a graceful stop: on SIGTERM/SIGINT the server keeps listening but answers new requests with
+    503, lets running ones finish for ``shutdown_timeout`` seconds, ends the rest with a clear error, unloads
+    the models and exits 0. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.shutdown_timeout = shutdown_timeout
+        self.draining: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        manager = getattr(self.app.state, "manager", None)  # there once the app has started
+        if self.draining is not None or manager is None:
+            self.should_exit = True  # no re-raised signal afterwards: a graceful stop exits 0
+            self.force_exit = self.draining is not None
+            return
+        logger.info(
+            "%s: no new requests; running ones have %.0f s to finish", signal.Signals(sig).name, self.shutdown_timeout
+        )
+        self.draining = asyncio.get_event_loop().create_task(self._drain(manager))
+
+    async def _drain(self, manager: Any) -> None:
+        try:
+            await manager.drain(self.shutdown_timeout)
+        finally:
+            self.should_exit = True
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ class CompletionService:
                     )
                     outcomes.append(outcome)
         if lease.reason:
-            raise APIError(503, lease.reason, code="model_unloaded")
+            raise APIError(503, lease.reason, code=lease.code)
         return Completion(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -154,7 +154,7 @@ class CompletionService:
                         finally:
                             lease.tokens += outcome.completion_tokens
                         if lease.reason:
-                            raise APIError(503, lease.reason, code="model_unloaded")
+                            raise APIError(503, lease.reason, code=lease.code)
                         rest = legacy_logprobs(outcome.logprobs[sent:], offset) if params.logprobs else None
                         yield event(
                             [CompletionChoice(index=index, text="", finish_reason=outcome.finish_reason, logprobs=rest)]

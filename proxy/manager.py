@@ -70,6 +70,7 @@ class Lease:
         self.model = model
         self._cancels: list[threading.Event] = []
         self.reason: str | None = None
+        self.code = "model_unloaded"  # the error code its request answers with once stopped
         self.tokens = 0  # generated under this lease, as its request counts them (for tokens per second)
 
     def cancel_event(self) -> threading.Event:
@@ -80,8 +81,8 @@ class Lease:
         self._cancels.append(event)
         return event
 
-    def stop(self, reason: str) -> None:
-        self.reason = reason
+    def stop(self, reason: str, code: str = "model_unloaded") -> None:
+        self.reason, self.code = reason, code
         for event in self._cancels:
             event.set()
 
@@ -247,6 +248,8 @@ class ModelManager:
             slot.changed.notify_all()
             try:
                 while True:
+                    if self._closing:
+                        raise overloaded("The server is shutting down", self.settings.retry_after)
                     if slot.queue[0] is ticket:
                         if slot.state == ModelState.LOADED and len(slot.running) < slot.concurrency:
                             break
@@ -367,15 +370,9 @@ class ModelManager:
             if slot.state != ModelState.LOADED:
                 return
             await self._set_state(slot, ModelState.UNLOADING)
-            async with slot.changed:
-                try:
-                    await asyncio.wait_for(slot.changed.wait_for(lambda: not slot.running), timeout)
-                except TimeoutError:
-                    reason = f"The model '{slot.name}' was unloaded while this request was generating"
-                    logger.warning("%s: cancelling %d running requests to unload", slot.name, len(slot.running))
-                    for lease in slot.running:
-                        lease.stop(reason)
-                    await slot.changed.wait_for(lambda: not slot.running)
+            await self._finish_or_stop(
+                slot, timeout, f"The model '{slot.name}' was unloaded while this request was generating"
+            )
             model, slot.model = slot.model, None
             if model is not None:
                 await asyncio.to_thread(model.unload)
@@ -475,6 +472,32 @@ class ModelManager:
                 await self.unload_idle()
             except Exception:
                 logger.exception("idle unload failed")
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: refuse new requests (503), let running ones finish for up to ``timeout`` seconds,
+        then end the rest with a clear error. Queued requests are refused at once."""
+        self._closing = True
+        for slot in self._slots.values():
+            async with slot.changed:
+                slot.changed.notify_all()  # queued requests see the server closing
+        running = [slot for slot in self._slots.values() if slot.running]
+        logger.info("draining: %d models serving, waiting up to %.0f s", len(running), timeout)
+        deadline = time.monotonic() + timeout
+        for slot in running:
+            reason = "The server is shutting down; this request was ended before it finished"
+            await self._finish_or_stop(slot, max(0.0, deadline - time.monotonic()), reason, "server_shutting_down")
+
+    async def _finish_or_stop(self, slot: ModelSlot, timeout: float, reason: str, code: str = "model_unloaded") -> None:
+        """Wait up to ``timeout`` for the slot's running requests, then stop them with ``reason`` and wait for
+        them to end (within a token)."""
+        async with slot.changed:
+            try:
+                await asyncio.wait_for(slot.changed.wait_for(lambda: not slot.running), timeout)
+            except TimeoutError:
+                logger.warning("%s: ending %d running requests: %s", slot.name, len(slot.running), reason)
+                for lease in slot.running:
+                    lease.stop(reason, code)
+                await slot.changed.wait_for(lambda: not slot.running)
 
     async def close(self) -> None:
         """Unload everything (server shutdown)."""

@@ -43,3 +43,4 @@ class Settings:
     max_memory: int = 0  # bytes of loaded model weights; 0: no bound
     unload_timeout: float = 30.0  # seconds an unload waits for running requests before cancelling them
     max_body_size: int = 8 * 1024 * 1024  # bytes of a request body; more gets 413
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM/SIGINT
