@@ -14,6 +14,7 @@ from litestar.datastructures import State
 from litestar.plugins import InitPluginProtocol
 
 from backends import LoadOptions, ModelRegistry, create_model
+from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
 from proxy.errors import EXCEPTION_HANDLERS
 from proxy.manager import ManagerSettings, ModelFactory, ModelManager
@@ -91,6 +92,7 @@ def create_app(
         lifespan=[lifespan],
         state=State({"settings": settings, "registry": registry, "started_at": time.time()}),
         openapi_config=None,
+        middleware=[access_log_middleware],
         request_max_body_size=settings.max_body_size,
         plugins=list(installed_plugins() if plugins is None else plugins),
     )

@@ -185,7 +185,8 @@ def serve(settings: Settings) -> int:
         settings.port,
         ", ".join(str(p) for p in registry_sources(settings.registries)),
     )
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # Our access log (proxy.access_log) replaces uvicorn's: it carries the request id and the duration.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     DrainingServer(config, app, settings.shutdown_timeout).run()
     return 0
 

@@ -509,3 +509,16 @@ def test_the_client_checks_every_body_against_the_schemas(openai_client: Any) ->
     assert checked["CreateChatCompletionResponse"] == before.get("CreateChatCompletionResponse", 0) + 1
     assert checked["CreateChatCompletionStreamResponse"] >= before.get("CreateChatCompletionStreamResponse", 0) + 3
     assert checked["ErrorResponse"] == before.get("ErrorResponse", 0) + 1
+
+
+def test_request_ids_are_echoed_and_logged(api_server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    made = httpx.get(f"{api_server.base_url}/health")
+    assert len(made.headers["x-request-id"]) == 32  # one is made when the client sends none
+    with caplog.at_level("INFO", logger="clemproxy.access"):
+        kept = httpx.get(f"{api_server.base_url}/v1/models", headers={"x-request-id": "run-42.turn-3"})
+        refused = httpx.get(f"{api_server.base_url}/health", headers={"x-request-id": "bad id\\n"})
+    assert kept.headers["x-request-id"] == "run-42.turn-3"
+    assert refused.headers["x-request-id"] != "bad id\\n"
+    assert any(
+        "path=/v1/models status=200" in r.message and "request_id=run-42.turn-3" in r.message for r in caplog.records
+    )
