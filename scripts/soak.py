@@ -118,7 +118,7 @@ def main() -> int:
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # a pipe nobody reads would fill up and block the server
     )
     base_url = f"http://127.0.0.1:{port}"
     try:

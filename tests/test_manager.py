@@ -354,7 +354,9 @@ def test_memory_is_returned_after_unload(tmp_path: Path, smol_checkpoint: Path) 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry), "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file: a pipe nobody reads would fill up and block the server.
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - the server process writes to it
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _answers(f"{base_url}/health"), "the server is up")

@@ -23,7 +23,9 @@ COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by comma
 def start(registry: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry), "--port", str(port), *flags]
-    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE)
+    # The server's log goes to a file beside the registry: a pipe nobody reads would fill up and block the server.
+    log = open(registry.parent / "server.log", "wb")  # noqa: SIM115 - the server process writes to it
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=log)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
