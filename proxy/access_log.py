@@ -29,6 +29,21 @@ def request_id_of(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def route_of(scope: Scope) -> str:
+    """The route's path template (``/admin/rows/{name:str}``), not the path: metric labels stay few."""
+    return str(scope.get("path_template") or "unmatched")
+
+
+def record_metrics(scope: Scope, status: int, seconds: float) -> None:
+    metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+    if metrics is None:
+        return
+    route = route_of(scope)
+    model = str(scope.get("state", {}).get("model", "-"))
+    metrics.requests.labels(route, model, str(status or "-")).inc()
+    metrics.latency.labels(route).observe(seconds)
+
+
 def access_log_middleware(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -48,6 +63,7 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_with_id)
         finally:
+            record_metrics(scope, status["code"], time.monotonic() - started)
             logger.info(
                 "method=%s path=%s status=%s duration_ms=%.0f request_id=%s",
                 scope.get("method", "-"),

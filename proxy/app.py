@@ -18,6 +18,7 @@ from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
 from proxy.errors import EXCEPTION_HANDLERS
 from proxy.manager import ManagerSettings, ModelFactory, ModelManager
+from proxy.metrics import Metrics, MetricsController
 from proxy.routes import DEPENDENCIES, HealthController, OpenAIController
 from proxy.settings import Settings
 
@@ -72,7 +73,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         options = LoadOptions(context_size=settings.context_size)
-        manager = ModelManager(registry, options, model_factory or create_model, manager_settings(settings))
+        manager = ModelManager(
+            registry, options, model_factory or create_model, manager_settings(settings), metrics=app.state.metrics
+        )
         app.state.manager = manager
         for name in settings.preload:
             logger.info("preloading %s", name)
@@ -85,8 +88,8 @@ def create_app(
                 idle_unloader.cancel()
             await manager.close()
 
-    return Litestar(
-        route_handlers=[OpenAIController, HealthController, AdminAPIController],
+    app = Litestar(
+        route_handlers=[OpenAIController, HealthController, AdminAPIController, MetricsController],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
@@ -96,3 +99,5 @@ def create_app(
         request_max_body_size=settings.max_body_size,
         plugins=list(installed_plugins() if plugins is None else plugins),
     )
+    app.state.metrics = Metrics(app.state)
+    return app

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -130,7 +130,7 @@ class ChatCompletionService:
                 outcome = GenerationOutcome()
                 outcomes.append(outcome)
                 generation = generate_text(lease.model, prompt, choice_params, outcome, lease.cancel_event())
-                async with aclosing(generation) as deltas:
+                async with aclosing(timed_first_delta(generation, self.manager, request.model)) as deltas:
                     contents.append("".join([delta async for delta in deltas]))
                 lease.tokens += outcome.completion_tokens
         if lease.reason:
@@ -198,7 +198,7 @@ class ChatCompletionService:
                     try:
                         yield chunk(index, Delta(role="assistant", content=""))
                         generation = generate_text(lease.model, prompt, choice_params, outcome, lease.cancel_event())
-                        async with aclosing(generation) as deltas:
+                        async with aclosing(timed_first_delta(generation, self.manager, name)) as deltas:
                             async for delta in deltas:
                                 yield chunk(index, Delta(content=delta), outcome=outcome)
                     finally:
@@ -220,6 +220,20 @@ class ChatCompletionService:
         except Exception as exc:
             yield stream_error(name, exc)
         yield DONE_EVENT
+
+
+async def timed_first_delta(
+    deltas: AsyncGenerator[str, None], manager: ModelManager, model: str
+) -> AsyncGenerator[str, None]:
+    """Pass the deltas through, recording the time to the first one in the metrics."""
+    started = time.monotonic()
+    first = True
+    async with aclosing(deltas):
+        async for delta in deltas:
+            if first and manager.metrics is not None:
+                manager.metrics.first_token.labels(model).observe(time.monotonic() - started)
+            first = False
+            yield delta
 
 
 def stream_error(name: str, exc: Exception) -> bytes:

@@ -160,8 +160,10 @@ class ModelManager:
         options: LoadOptions,
         factory: ModelFactory = create_model,
         settings: ManagerSettings | None = None,
+        metrics: Any = None,
     ) -> None:
         self.registry = registry
+        self.metrics = metrics  # proxy.metrics.Metrics, when the app keeps metrics
         self.options = options
         self.settings = settings or ManagerSettings()
         self._factory = factory
@@ -185,6 +187,9 @@ class ModelManager:
         if slot is None:
             slot = self._slots[name] = ModelSlot(name, spec)
         return slot
+
+    def slots(self) -> list[tuple[str, ModelSlot]]:
+        return list(self._slots.items())
 
     def existing_slot(self, name: str) -> ModelSlot | None:
         return self._slots.get(name)
@@ -284,6 +289,8 @@ class ModelManager:
                 slot.requests_served += 1
                 slot.recent.append((lease.tokens, time.monotonic() - started))
                 slot.changed.notify_all()
+            if self.metrics is not None:
+                self.metrics.tokens.labels(name).inc(lease.tokens)
             async with self._residency:
                 self._residency.notify_all()
 
@@ -332,6 +339,8 @@ class ModelManager:
             except BaseException as exc:
                 message = exc.message if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
                 logger.warning("%s: load failed: %s", slot.name, message)
+                if self.metrics is not None:
+                    self.metrics.load_failures.labels(slot.name).inc()
                 async with slot.changed:
                     slot.state = ModelState.FAILED
                     slot.error, slot.error_at = message, time.time()
@@ -348,6 +357,8 @@ class ModelManager:
                 slot.last_used = slot.last_used or slot.loaded_at
                 slot.changed.notify_all()
             logger.info("%s: loaded in %.1f s", slot.name, slot.load_seconds)
+            if self.metrics is not None:
+                self.metrics.load_seconds.labels(slot.name).observe(slot.load_seconds)
         await self._notify_residency()  # a load waiting for room may now evict this one once it is idle
         await self._evict_over_budget(keep=slot)
 

@@ -104,6 +104,7 @@ class OpenAIController(Controller):
         self, request: Request[Any, Any, Any], chat_service: NamedDependency[ChatCompletionService]
     ) -> ChatCompletion | Stream:
         completion_request = decode_body(await request.body(), ChatCompletionRequest)
+        request.state.model = completion_request.model  # for the metrics
         if completion_request.stream:
             events = await chat_service.stream(completion_request)
             return Stream(events, headers=SSE_HEADERS)
@@ -114,6 +115,7 @@ class OpenAIController(Controller):
         self, request: Request[Any, Any, Any], completion_service: NamedDependency[CompletionService]
     ) -> Completion | Stream:
         completion_request = decode_body(await request.body(), CompletionRequest)
+        request.state.model = completion_request.model
         if completion_request.stream:
             events = await completion_service.stream(completion_request)
             return Stream(events, headers=SSE_HEADERS)

@@ -522,3 +522,31 @@ def test_request_ids_are_echoed_and_logged(api_server: RunningServer, caplog: py
     assert any(
         "path=/v1/models status=200" in r.message and "request_id=run-42.turn-3" in r.message for r in caplog.records
     )
+
+
+def test_prometheus_metrics(api_server: RunningServer, openai_client: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = httpx.get(f"{api_server.base_url}/metrics").text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    before = samples()
+    complete(openai_client, max_tokens=5)
+    after = samples()
+    ok = ("clemproxy_requests_total", (("model", SMOL), ("route", "/v1/chat/completions"), ("status", "200")))
+    assert after[ok] == before.get(ok, 0) + 1
+    tokens = ("clemproxy_generated_tokens_total", (("model", SMOL),))
+    assert after[tokens] - before.get(tokens, 0) == 5
+    assert after[("clemproxy_model_loaded", (("model", SMOL),))] == 1
+    assert after[("clemproxy_model_bytes", (("model", SMOL),))] > 0
+    assert after[("clemproxy_queued_requests", (("model", SMOL),))] == 0
+    ttft = ("clemproxy_time_to_first_token_seconds_count", (("model", SMOL),))
+    assert after[ttft] == before.get(ttft, 0) + 1
+    assert after[("clemproxy_model_load_seconds_count", (("model", SMOL),))] >= 1
+    failures = [k for k in after if k[0] == "clemproxy_model_load_failures_total"]
+    assert failures  # the suite's entries with missing weights failed to load
