@@ -117,8 +117,8 @@ class ChatCompletionService:
         messages = message_dicts(request.messages)
         # Request errors first: a bad request never makes the server load a model.
         params = generation_params(request, self.manager.registry.resolve(request.model))
-        model = await self.manager.ensure_loaded(request.model)
-        prompt = await asyncio.to_thread(model.prepare, messages, params)
+        async with self.manager.holding(request.model) as model:
+            prompt = await asyncio.to_thread(model.prepare, messages, params)
         return prompt, params
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:

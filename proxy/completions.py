@@ -66,8 +66,8 @@ class CompletionService:
     async def prepare(self, request: CompletionRequest) -> tuple[list[PreparedPrompt], GenerationParams]:
         params = completion_params(request, self.manager.registry.resolve(request.model))
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-        model = await self.manager.ensure_loaded(request.model)
-        prepared = [await asyncio.to_thread(model.prepare_text, text, params) for text in prompts]
+        async with self.manager.holding(request.model) as model:
+            prepared = [await asyncio.to_thread(model.prepare_text, text, params) for text in prompts]
         return prepared, params
 
     async def complete(self, request: CompletionRequest) -> Completion:

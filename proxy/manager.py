@@ -105,6 +105,7 @@ class ModelSlot:
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent generations
         self.override: dict[str, Any] = {}  # placement keys the current load was given
         self.running: set[Lease] = set()
+        self.holds = 0  # short work on the loaded model outside the queue (tokenising a prompt); unload waits
         self.queue: deque[object] = deque()  # FIFO tickets of waiting requests
         self.changed = asyncio.Condition()  # notified on every change of state, running or queue
         self.transition = asyncio.Lock()  # held by a load or an unload of this model
@@ -230,14 +231,24 @@ class ModelManager:
             )
         return slot
 
-    async def ensure_loaded(self, name: str) -> Model:
-        """The loaded model, loading it first when autoload allows; raises the load's own error."""
+    @asynccontextmanager
+    async def holding(self, name: str) -> AsyncIterator[Model]:
+        """The loaded model (loading it first when autoload allows), kept loaded while the block runs.
+
+        For short work outside the queue, like tokenising a prompt before the response starts: an unload
+        waits for it, so that no thread is still inside a model that is being freed.
+        """
         slot = self.admit(name)
-        if slot.state != ModelState.LOADED:
+        while slot.state != ModelState.LOADED or slot.model is None:  # loaded, or unloaded again meanwhile
             await self._load(slot, None)
-        if slot.model is None:  # unloaded again in the meantime; lease() will reload it
-            return await self.ensure_loaded(name)
-        return slot.model
+        model = slot.model
+        slot.holds += 1  # no await since the check above: the unload cannot have started in between
+        try:
+            yield model
+        finally:
+            async with slot.changed:
+                slot.holds -= 1
+                slot.changed.notify_all()
 
     @asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[Lease]:
@@ -503,12 +514,12 @@ class ModelManager:
         them to end (within a token)."""
         async with slot.changed:
             try:
-                await asyncio.wait_for(slot.changed.wait_for(lambda: not slot.running), timeout)
+                await asyncio.wait_for(slot.changed.wait_for(lambda: not slot.running and not slot.holds), timeout)
             except TimeoutError:
                 logger.warning("%s: ending %d running requests: %s", slot.name, len(slot.running), reason)
                 for lease in slot.running:
                     lease.stop(reason, code)
-                await slot.changed.wait_for(lambda: not slot.running)
+                await slot.changed.wait_for(lambda: not slot.running and not slot.holds)
 
     async def close(self) -> None:
         """Unload everything (server shutdown)."""

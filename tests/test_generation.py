@@ -51,7 +51,8 @@ async def test_closed_stream_returns_only_once_the_worker_is_done(manager: Model
 
 
 async def test_cancelled_task_returns_only_once_the_worker_is_done(manager: ModelManager) -> None:
-    model: Any = await manager.ensure_loaded(SMOL)
+    await manager.load(SMOL)
+    model: Any = manager.loaded(SMOL)
     params = GenerationParams(max_tokens=300, temperature=0)
     prompt = model.prepare(COUNTING, params)
     outcome = GenerationOutcome()
