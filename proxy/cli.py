@@ -202,7 +202,19 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self.draining: asyncio.Task[None] | None = None
 
+    async def serve(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler may interrupt anything, even a log write in progress: it only hands over to the loop.
+        loop = getattr(self, "loop", None)
+        if loop is None:
+            self.should_exit = True
+            return
+        loop.call_soon_threadsafe(self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
         manager = getattr(self.app.state, "manager", None)  # there once the app has started
         if self.draining is not None or manager is None:
             self.should_exit = True  # no re-raised signal afterwards: a graceful stop exits 0
@@ -211,7 +223,7 @@ class DrainingServer(uvicorn.Server):
         logger.info(
             "%s: no new requests; running ones have %.0f s to finish", signal.Signals(sig).name, self.shutdown_timeout
         )
-        self.draining = asyncio.get_event_loop().create_task(self._drain(manager))
+        self.draining = asyncio.get_running_loop().create_task(self._drain(manager))
 
     async def _drain(self, manager: Any) -> None:
         try:
