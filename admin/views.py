@@ -7,7 +7,6 @@ weights are on disk, a human-readable summary, and the machine's GPU.
 from __future__ import annotations
 
 import functools
-import logging
 import re
 import time
 from typing import Any
@@ -16,8 +15,6 @@ from backends import ModelRegistry
 from backends.weights import local_copy
 from proxy.admin_api import entry_view, process_rss_bytes
 from proxy.manager import ModelManager
-
-logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)

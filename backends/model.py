@@ -65,9 +65,7 @@ class TokenLogprob:
     top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
 
 
-def token_logprob(
-    logits: Any, token_id: int, top_n: int, token_bytes: Callable[[int], bytes]
-) -> TokenLogprob:
+def token_logprob(logits: Any, token_id: int, top_n: int, token_bytes: Callable[[int], bytes]) -> TokenLogprob:
     """From one position's raw logits (a 1-D numpy array): the chosen token's log probability and the top ``top_n``.
 
     Log probabilities are of the model's own distribution, before temperature, top_p or penalties, as OpenAI's are.
@@ -171,8 +169,6 @@ class Model(ABC):
 
     def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:
         """Tokenise a raw prompt (no chat template: legacy completions) and check it fits."""
-        if self.chat_template is None:
-            raise RuntimeError(f"{self.name} is not loaded")
         token_ids = self.tokenize_prompt(text)
         room = self.context_size - len(token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room

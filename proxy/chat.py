@@ -116,7 +116,7 @@ class ChatCompletionService:
         """Everything that can fail before the first byte: lookup, admission, load, template, context check."""
         messages = message_dicts(request.messages)
         # Request errors first: a bad request never makes the server load a model.
-        params = generation_params(request, self.manager.registry.resolve(request.model))
+        params = generation_params(request, self.manager.slot(request.model).spec)
         async with self.manager.holding(request.model) as model:
             prompt = await asyncio.to_thread(model.prepare, messages, params)
         return prompt, params

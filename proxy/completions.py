@@ -64,7 +64,7 @@ class CompletionService:
         self.manager = manager
 
     async def prepare(self, request: CompletionRequest) -> tuple[list[PreparedPrompt], GenerationParams]:
-        params = completion_params(request, self.manager.registry.resolve(request.model))
+        params = completion_params(request, self.manager.slot(request.model).spec)
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         async with self.manager.holding(request.model) as model:
             prepared = [await asyncio.to_thread(model.prepare_text, text, params) for text in prompts]

@@ -183,10 +183,9 @@ class ModelManager:
 
     def slot(self, name: str) -> ModelSlot:
         """The slot of a servable registry name; 404 for an unknown name, 400 for an invalid entry."""
-        spec = self.registry.resolve(name)
         slot = self._slots.get(name)
-        if slot is None:
-            slot = self._slots[name] = ModelSlot(name, spec)
+        if slot is None:  # the registry never changes: a name resolved once stays resolved
+            slot = self._slots[name] = ModelSlot(name, self.registry.resolve(name))
         return slot
 
     def slots(self) -> list[tuple[str, ModelSlot]]:
