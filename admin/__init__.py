@@ -8,6 +8,7 @@ registered as a ``clemproxy.plugins`` entry point), since it builds on ``proxy``
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ import jinja2
 from jinja2_fragments import render_block
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.config.app import AppConfig
+from litestar.connection import ASGIConnection
+from litestar.datastructures import Cookie
 from litestar.di import NamedDependency
+from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath, FromQuery
 from litestar.plugins import InitPluginProtocol
 from litestar.response import Redirect
@@ -27,6 +31,16 @@ from admin.views import model_row, page_context, summary_context
 from backends import ModelRegistry
 from proxy.errors import APIError
 from proxy.manager import ModelManager
+from proxy.security import (
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    CSRF_HEADER,
+    LOGIN_PATH,
+    SAFE_METHODS,
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    AccessControl,
+)
 
 HERE = Path(__file__).parent
 TEMPLATE = "admin.html.j2"
@@ -41,13 +55,75 @@ def template_environment() -> jinja2.Environment:
 ENVIRONMENT = template_environment()
 
 
-def html(content: str) -> Response[str]:
-    return Response(content=content, media_type=MediaType.HTML)
+def html(content: str, status_code: int = 200, cookies: list[Cookie] | None = None) -> Response[str]:
+    # The page is never framed by another site (clickjacking) and never sends its URL elsewhere.
+    headers = {"x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store"}
+    return Response(
+        content=content, media_type=MediaType.HTML, status_code=status_code, headers=headers, cookies=cookies
+    )
 
 
-def render_row(registry: ModelRegistry, manager: ModelManager, name: str, action_error: str | None = None) -> str:
+def access_of(connection: ASGIConnection[Any, Any, Any, Any]) -> AccessControl:
+    access: AccessControl = connection.app.state.access
+    return access
+
+
+def cookie(request: Request[Any, Any, Any], key: str, value: str, max_age: int | None = None) -> Cookie:
+    """HTTP-only, same-site, and secure when the page came over HTTPS (behind a TLS proxy)."""
+    return Cookie(
+        key=key,
+        value=value,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+        max_age=max_age,
+    )
+
+
+def csrf_token(request: Request[Any, Any, Any]) -> tuple[str, list[Cookie]]:
+    """The CSRF token for the page's forms, and the cookie to set with it when the browser has none yet."""
+    value = request.cookies.get(CSRF_COOKIE)
+    if value:
+        return access_of(request).csrf_token(value), []
+    value = secrets.token_urlsafe(24)
+    return access_of(request).csrf_token(value), [cookie(request, CSRF_COOKIE, value)]
+
+
+async def require_csrf_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Every state-changing admin request carries the page's CSRF token (form field, or the header htmx sends),
+    unless it authenticated with a bearer key, which a browser never adds on its own."""
+    if connection.scope.get("method") in SAFE_METHODS or connection.scope.get("state", {}).get("auth") == "bearer":
+        return
+    token = connection.headers.get(CSRF_HEADER)
+    if token is None:
+        form = await Request[Any, Any, Any](connection.scope, connection.receive).form()  # kept for the handler
+        field = form.get(CSRF_FIELD)
+        token = field if isinstance(field, str) else None
+    if not access_of(connection).csrf_ok(connection.cookies.get(CSRF_COOKIE), token):
+        raise APIError(
+            403,
+            "The form's CSRF token is missing or out of date; reload the admin page and try again",
+            code="csrf_token_invalid",
+            headers={"HX-Refresh": "true"},  # htmx reloads the page, which brings a fresh token
+        )
+
+
+def render_row(
+    request: Request[Any, Any, Any],
+    registry: ModelRegistry,
+    manager: ModelManager,
+    name: str,
+    action_error: str | None = None,
+) -> str:
+    token, _ = csrf_token(request)
     return render_block(
-        ENVIRONMENT, TEMPLATE, "row", model=model_row(registry, manager, name), action_error=action_error
+        ENVIRONMENT,
+        TEMPLATE,
+        "row",
+        model=model_row(registry, manager, name),
+        action_error=action_error,
+        csrf_token=token,
     )
 
 
@@ -80,16 +156,21 @@ def in_background(request: Request[Any, Any, Any], work: Coroutine[Any, Any, Any
 class AdminController(Controller):
     path = "/admin"
     include_in_schema = False
+    guards = (require_csrf_token,)
 
     @get("/")
     async def page(
         self,
+        request: Request[Any, Any, Any],
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
         q: FromQuery[str] = "",
     ) -> Response[str]:
         context = page_context(registry, manager, q.strip())
-        return html(ENVIRONMENT.get_template(TEMPLATE).render(**context))
+        token, cookies = csrf_token(request)
+        signed_in = request.scope.get("state", {}).get("auth") == "session"
+        page = ENVIRONMENT.get_template(TEMPLATE).render(**context, csrf_token=token, signed_in=signed_in)
+        return html(page, cookies=cookies)
 
     @get("/summary")
     async def summary(
@@ -99,9 +180,13 @@ class AdminController(Controller):
 
     @get("/rows/{name:str}")
     async def row(
-        self, registry: NamedDependency[ModelRegistry], manager: NamedDependency[ModelManager], name: FromPath[str]
+        self,
+        request: Request[Any, Any, Any],
+        registry: NamedDependency[ModelRegistry],
+        manager: NamedDependency[ModelManager],
+        name: FromPath[str],
     ) -> Response[str]:
-        return html(render_row(registry, manager, name))
+        return html(render_row(request, registry, manager, name))
 
     @post("/models/{name:str}/load", status_code=200)
     async def load(
@@ -155,15 +240,58 @@ class AdminController(Controller):
         error: str | None,
     ) -> Response[str] | Redirect:
         if request.headers.get("hx-request"):
-            return html(render_row(registry, manager, name, error))
+            return html(render_row(request, registry, manager, name, error))
         return Redirect(path=f"/admin/?q={quote(name)}" if error else "/admin/", status_code=303)
 
 
+def safe_next(target: str) -> str:
+    """Where to go after signing in: a page of this admin only, never another site (``//evil.example``)."""
+    return target if target.startswith("/admin") and "//" not in target and "\\" not in target else "/admin/"
+
+
+class LoginController(Controller):
+    """The admin page's sign-in: the admin key, typed once, becomes an HTTP-only session cookie."""
+
+    path = LOGIN_PATH
+    include_in_schema = False
+    guards = (require_csrf_token,)
+
+    @get("/")
+    async def form(self, request: Request[Any, Any, Any], next: FromQuery[str] = "/admin/") -> Response[str] | Redirect:
+        if access_of(request).admin_open:
+            return Redirect(path="/admin/", status_code=303)
+        return self._page(request, safe_next(next))
+
+    @post("/", status_code=303)
+    async def sign_in(self, request: Request[Any, Any, Any]) -> Response[str] | Redirect:
+        form = await request.form()
+        access = access_of(request)
+        key, target = form.get("key"), safe_next(str(form.get("next") or "/admin/"))
+        if not isinstance(key, str) or access.admin_open or not access.admin_key_ok(key):
+            await asyncio.sleep(0.5)  # slows down guessing
+            return self._page(request, target, "That is not the admin key.", status_code=401)
+        session = cookie(request, SESSION_COOKIE, access.start_session(), max_age=SESSION_SECONDS)
+        return Redirect(path=target, status_code=303, cookies=[session])
+
+    @post("/logout", status_code=303)
+    async def sign_out(self, request: Request[Any, Any, Any]) -> Redirect:
+        access_of(request).end_session(request.cookies.get(SESSION_COOKIE))
+        return Redirect(path=LOGIN_PATH, status_code=303, cookies=[cookie(request, SESSION_COOKIE, "", max_age=0)])
+
+    def _page(
+        self, request: Request[Any, Any, Any], target: str, error: str | None = None, status_code: int = 200
+    ) -> Response[str]:
+        token, cookies = csrf_token(request)
+        context = {"csrf_token": token, "next": target, "error": error, "kind": access_of(request).admin_key_kind}
+        return html(ENVIRONMENT.get_template("login.html.j2").render(**context), status_code, cookies)
+
+
 class AdminPlugin(InitPluginProtocol):
-    """Adds the admin page and its static files to the app."""
+    """Adds the admin page, its sign-in and its static files to the app."""
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.route_handlers.append(AdminController)
+        app_config.route_handlers.append(LoginController)
         app_config.route_handlers.append(
             create_static_files_router(path="/admin/static", directories=[HERE / "static"], include_in_schema=False)
         )

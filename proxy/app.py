@@ -17,9 +17,11 @@ from backends import LoadOptions, ModelRegistry, create_model
 from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
 from proxy.errors import EXCEPTION_HANDLERS
+from proxy.limits import RequestLimits
 from proxy.manager import ManagerSettings, ModelFactory, ModelManager
 from proxy.metrics import Metrics, MetricsController
 from proxy.routes import DEPENDENCIES, HealthController, OpenAIController
+from proxy.security import AccessControl, access_control_middleware
 from proxy.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,17 @@ def manager_settings(settings: Settings) -> ManagerSettings:
         max_loaded=settings.max_loaded,
         max_memory=settings.max_memory,
         unload_timeout=settings.unload_timeout,
+        request_timeout=settings.request_timeout,
+    )
+
+
+def access_control(settings: Settings) -> AccessControl:
+    return AccessControl(
+        api_keys=settings.api_keys,
+        admin_keys=settings.admin_keys,
+        bind_host=settings.host,
+        allowed_hosts=settings.allowed_hosts,
+        cors_origins=settings.cors_origins,
     )
 
 
@@ -93,9 +106,18 @@ def create_app(
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
-        state=State({"settings": settings, "registry": registry, "started_at": time.time()}),
+        state=State(
+            {
+                "settings": settings,
+                "registry": registry,
+                "started_at": time.time(),
+                "access": access_control(settings),
+                "limits": RequestLimits.from_settings(settings),
+            }
+        ),
         openapi_config=None,
-        middleware=[access_log_middleware],
+        logging_config=None,  # the CLI configures logging (one redacting handler); Litestar would replace it
+        middleware=[access_log_middleware, access_control_middleware],
         request_max_body_size=settings.max_body_size,
         plugins=list(installed_plugins() if plugins is None else plugins),
     )

@@ -15,6 +15,7 @@ from backends import BackendError, GenerationOutcome, GenerationParams, Prepared
 from backends.model import TokenLogprob as BackendTokenLogprob
 from proxy.errors import APIError
 from proxy.generation import generate_text
+from proxy.limits import NO_LIMITS, RequestLimits
 from proxy.manager import ModelManager
 from proxy.protocol import (
     ChatCompletion,
@@ -83,13 +84,19 @@ def refuse_unsupported(request: ChatCompletionRequest) -> None:
             )
 
 
-def generation_params(request: ChatCompletionRequest, spec: Mapping[str, Any]) -> GenerationParams:
+def generation_params(
+    request: ChatCompletionRequest, spec: Mapping[str, Any], limits: RequestLimits = NO_LIMITS
+) -> GenerationParams:
     """Request settings; sampling settings the request leaves out come from the entry, then OpenAI's defaults."""
     refuse_unsupported(request)
+    limits.check_messages(len(request.messages))
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
-    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    if request.max_completion_tokens is not None:
+        max_tokens = limits.completion_tokens(request.max_completion_tokens, "max_completion_tokens")
+    else:
+        max_tokens = limits.completion_tokens(request.max_tokens, "max_tokens")
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=float(spec.get("temperature", 1.0)) if request.temperature is None else request.temperature,
@@ -109,14 +116,15 @@ def sse(event: Any) -> bytes:
 
 
 class ChatCompletionService:
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, limits: RequestLimits = NO_LIMITS) -> None:
         self.manager = manager
+        self.limits = limits
 
     async def prepare(self, request: ChatCompletionRequest) -> tuple[PreparedPrompt, GenerationParams]:
         """Everything that can fail before the first byte: lookup, admission, load, template, context check."""
-        messages = message_dicts(request.messages)
         # Request errors first: a bad request never makes the server load a model.
-        params = generation_params(request, self.manager.slot(request.model).spec)
+        params = generation_params(request, self.manager.slot(request.model).spec, self.limits)
+        messages = message_dicts(request.messages)
         async with self.manager.holding(request.model) as model:
             prompt = await asyncio.to_thread(model.prepare, messages, params)
         return prompt, params
@@ -133,8 +141,8 @@ class ChatCompletionService:
                 async with aclosing(timed_first_delta(generation, self.manager, request.model)) as deltas:
                     contents.append("".join([delta async for delta in deltas]))
                 lease.tokens += outcome.completion_tokens
-        if lease.reason:
-            raise APIError(503, lease.reason, code=lease.code)
+        if error := lease.error():
+            raise error
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -203,8 +211,8 @@ class ChatCompletionService:
                                 yield chunk(index, Delta(content=delta), outcome=outcome)
                     finally:
                         lease.tokens += outcome.completion_tokens  # also for a client that left mid-stream
-                    if lease.reason:
-                        raise APIError(503, lease.reason, code=lease.code)
+                    if error := lease.error():
+                        raise error
                     yield chunk(index, Delta(), outcome.finish_reason, outcome)
             if include_usage:
                 yield sse(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,7 +16,10 @@ from typing import Any
 
 import uvicorn
 
+from backends.credentials import huggingface_token
+from backends.errors import CredentialsError
 from backends.registry import ModelRegistry, RegistryFileError, registry_sources
+from proxy.security import KeyFileError, RedactingFormatter, is_loopback, read_key_file
 from proxy.settings import Settings, parse_memory
 
 logger = logging.getLogger("clemproxy")
@@ -118,9 +122,76 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
     )
 
+    option("--max-messages", int, "2048", "most messages in one chat request; more get 400")
+    option(
+        "--max-tokens-limit",
+        int,
+        "0",
+        "largest max_tokens a request may ask for (larger get 400), and the default for requests without one; "
+        "0: the context window is the bound",
+    )
+    option(
+        "--request-timeout",
+        float,
+        "600",
+        "how long a request may wait for its model and generate before it is ended with a 504; 0: no limit",
+        metavar="SECONDS",
+    )
+
+    access = serve.add_argument_group(
+        "access",
+        "Keys are best given in a file or the environment: a command line is visible to every user of the "
+        "machine. A key file has one key per line; blank lines and lines starting with # are skipped.",
+    )
+
+    def repeatable(flag: str, help: str, metavar: str, convert: Callable[[str], Any] = str) -> None:
+        env = flag.removeprefix("--").replace("-", "_").upper()
+        access.add_argument(
+            flag,
+            action="append",
+            type=convert,
+            default=None,
+            metavar=metavar,
+            help=f"{help}, repeatable (env CLEMPROXY_{env}, comma-separated)",
+        )
+
+    repeatable("--api-key", "a key that opens /v1 (Authorization: Bearer KEY)", "KEY")
+    repeatable("--api-key-file", "a file of API keys", "PATH", Path)
+    repeatable("--admin-key", "a key for the admin page, /admin/api and /metrics; also opens /v1", "KEY")
+    repeatable("--admin-key-file", "a file of admin keys", "PATH", Path)
+    access.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=_env("INSECURE_NO_AUTH", "0").lower() in ("1", "true", "yes"),
+        help="listen on a non-loopback address without any key (env CLEMPROXY_INSECURE_NO_AUTH=1)",
+    )
+    repeatable(
+        "--allowed-host",
+        "a Host name this server answers to besides localhost, 127.0.0.1, ::1 and the bind address; "
+        "*.example.org for subdomains, * for any",
+        "NAME",
+    )
+    repeatable(
+        "--cors-origin", "a browser origin allowed to call /v1, like https://app.example.org; * for any", "ORIGIN"
+    )
+
     check = commands.add_parser("check", help="validate the registries and list every problem")
     add_registry(check)
     return parser
+
+
+def listed(args: argparse.Namespace, name: str) -> list[Any]:
+    """A repeatable flag's values, or its environment variable's comma-separated ones."""
+    given = getattr(args, name)
+    return list(given) if given is not None else _env_list(name.upper())
+
+
+def keys(args: argparse.Namespace, kind: str) -> tuple[str, ...]:
+    """The keys of one kind, from the flag, the environment and key files."""
+    found = listed(args, f"{kind}_key")
+    for path in listed(args, f"{kind}_key_file"):
+        found.extend(read_key_file(Path(path)))
+    return tuple(dict.fromkeys(found))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     registries = tuple(args.registry if args.registry is not None else _env_registries())
     if args.command == "check":
         return check(registries)
+    try:
+        api_keys, admin_keys = keys(args, "api"), keys(args, "admin")
+    except KeyFileError as exc:
+        print(f"clemproxy: {exc}", file=sys.stderr)
+        return 2
     return serve(
         Settings(
             registries=registries,
@@ -144,6 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             unload_timeout=args.unload_timeout,
             max_body_size=args.max_body_size,
             shutdown_timeout=args.shutdown_timeout,
+            api_keys=api_keys,
+            admin_keys=admin_keys,
+            insecure_no_auth=args.insecure_no_auth,
+            allowed_hosts=tuple(listed(args, "allowed_host")),
+            cors_origins=tuple(listed(args, "cors_origin")),
+            max_messages=args.max_messages,
+            max_tokens_limit=args.max_tokens_limit,
+            request_timeout=args.request_timeout,
         )
     )
 
@@ -173,7 +257,9 @@ def check(registries: Sequence[Path]) -> int:
 def serve(settings: Settings) -> int:
     from proxy.app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
+    if not exposure_allowed(settings):
+        return 2
     try:
         app = create_app(settings)
     except RegistryFileError as exc:
@@ -185,10 +271,55 @@ def serve(settings: Settings) -> int:
         settings.port,
         ", ".join(str(p) for p in registry_sources(settings.registries)),
     )
-    # Our access log (proxy.access_log) replaces uvicorn's: it carries the request id and the duration.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    for line in app.state.access.describe():
+        logger.info("%s", line)
+    # uvicorn logs through our handler (log_config=None), so that its lines are redacted too. Our access log
+    # (proxy.access_log) replaces uvicorn's: it carries the request id and the duration.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+    )
     DrainingServer(config, app, settings.shutdown_timeout).run()
     return 0
+
+
+def configure_logging(settings: Settings) -> None:
+    """One handler on the root logger, whose formatter blanks out every key and token this server holds."""
+    hidden = [*settings.api_keys, *settings.admin_keys, os.environ.get("HF_TOKEN", "")]
+    with contextlib.suppress(CredentialsError):
+        hidden.append(huggingface_token())
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", redact=hidden))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+
+
+def exposure_allowed(settings: Settings) -> bool:
+    """Without any key, listen on loopback only, unless told --insecure-no-auth; say which it is."""
+    if settings.api_keys or settings.admin_keys:
+        return True
+    if is_loopback(settings.host):
+        logger.warning(
+            "no API or admin key: listening on loopback (%s) only; anyone on this machine can use and manage "
+            "the models (--api-key-file and --admin-key-file guard them)",
+            settings.host,
+        )
+        return True
+    if not settings.insecure_no_auth:
+        logger.error(
+            "refusing to listen on %s without a key: anyone who can reach it could use and unload the models. "
+            "Give --api-key-file (and --admin-key-file), or --insecure-no-auth where the network is yours alone",
+            settings.host,
+        )
+        return False
+    logger.warning(
+        "--insecure-no-auth: listening on %s with no key; anyone who can reach it can use and manage the models",
+        settings.host,
+    )
+    return True
 
 
 class DrainingServer(uvicorn.Server):

@@ -18,11 +18,14 @@ from backends.model import TokenLogprob as BackendTokenLogprob
 from proxy.chat import DONE_EVENT, SYSTEM_FINGERPRINT, choice_parameters, sse, stream_error, usage_of
 from proxy.errors import APIError
 from proxy.generation import generate_text
+from proxy.limits import NO_LIMITS, RequestLimits
 from proxy.manager import ModelManager
 from proxy.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 
 
-def completion_params(request: CompletionRequest, spec: Mapping[str, Any]) -> GenerationParams:
+def completion_params(
+    request: CompletionRequest, spec: Mapping[str, Any], limits: RequestLimits = NO_LIMITS
+) -> GenerationParams:
     for param, used in (
         ("best_of", request.best_of not in (None, 1)),
         ("suffix", bool(request.suffix)),
@@ -33,7 +36,7 @@ def completion_params(request: CompletionRequest, spec: Mapping[str, Any]) -> Ge
             raise APIError(400, f"'{param}' is not supported by this server", param=param, code="unsupported_parameter")
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
     return GenerationParams(
-        max_tokens=request.max_tokens,
+        max_tokens=limits.completion_tokens(request.max_tokens, "max_tokens"),
         temperature=float(spec.get("temperature", 1.0)) if request.temperature is None else request.temperature,
         top_p=float(spec.get("top_p", 1.0)) if request.top_p is None else request.top_p,
         stop=tuple(stop),
@@ -60,11 +63,12 @@ def legacy_logprobs(entries: list[BackendTokenLogprob], offset: int) -> Completi
 
 
 class CompletionService:
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, limits: RequestLimits = NO_LIMITS) -> None:
         self.manager = manager
+        self.limits = limits
 
     async def prepare(self, request: CompletionRequest) -> tuple[list[PreparedPrompt], GenerationParams]:
-        params = completion_params(request, self.manager.slot(request.model).spec)
+        params = completion_params(request, self.manager.slot(request.model).spec, self.limits)
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         async with self.manager.holding(request.model) as model:
             prepared = [await asyncio.to_thread(model.prepare_text, text, params) for text in prompts]
@@ -92,8 +96,8 @@ class CompletionService:
                         )
                     )
                     outcomes.append(outcome)
-        if lease.reason:
-            raise APIError(503, lease.reason, code=lease.code)
+        if error := lease.error():
+            raise error
         return Completion(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -153,8 +157,8 @@ class CompletionService:
                                     yield event([choice])
                         finally:
                             lease.tokens += outcome.completion_tokens
-                        if lease.reason:
-                            raise APIError(503, lease.reason, code=lease.code)
+                        if error := lease.error():
+                            raise error
                         rest = legacy_logprobs(outcome.logprobs[sent:], offset) if params.logprobs else None
                         yield event(
                             [CompletionChoice(index=index, text="", finish_reason=outcome.finish_reason, logprobs=rest)]

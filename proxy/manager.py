@@ -61,6 +61,7 @@ class ManagerSettings:
     max_memory: int = 0  # bytes of model weights loaded at once; 0: no bound
     unload_timeout: float = 30.0  # how long an unload waits for running requests before cancelling them
     retry_after: int = 2  # seconds, in the Retry-After header of a 503
+    request_timeout: float = 0.0  # seconds a request may wait in the queue and generate; 0: no limit
 
 
 class Lease:
@@ -71,6 +72,8 @@ class Lease:
         self._cancels: list[threading.Event] = []
         self.reason: str | None = None
         self.code = "model_unloaded"  # the error code its request answers with once stopped
+        self.status = 503
+        self.headers: dict[str, str] = {}
         self.tokens = 0  # generated under this lease, as its request counts them (for tokens per second)
 
     def cancel_event(self) -> threading.Event:
@@ -81,10 +84,20 @@ class Lease:
         self._cancels.append(event)
         return event
 
-    def stop(self, reason: str, code: str = "model_unloaded") -> None:
-        self.reason, self.code = reason, code
+    def stop(
+        self, reason: str, code: str = "model_unloaded", status: int = 503, headers: dict[str, str] | None = None
+    ) -> None:
+        if self.reason is not None:
+            return  # the first reason stands
+        self.reason, self.code, self.status, self.headers = reason, code, status, headers or {}
         for event in self._cancels:
             event.set()
+
+    def error(self) -> APIError | None:
+        """The error its request answers with, once stopped."""
+        if self.reason is None:
+            return None
+        return APIError(self.status, self.reason, code=self.code, headers=self.headers)
 
 
 class ModelSlot:
@@ -148,6 +161,16 @@ class ModelSlot:
             "override": dict(self.override),
             "loaded": self.model.load_info() if self.model is not None and self.state == ModelState.LOADED else None,
         }
+
+
+def timed_out(timeout: float, waiting: bool) -> tuple[str, dict[str, str]]:
+    """The message of a request past ``--request-timeout``; the same request would only time out again,
+    so the OpenAI SDKs are told not to retry it."""
+    where = "waiting for its turn on the model" if waiting else "generating"
+    return (
+        f"The request was ended after {timeout:g} s {where}: the server's request timeout (--request-timeout)",
+        {"x-should-retry": "false"},
+    )
 
 
 def overloaded(message: str, retry_after: int) -> APIError:
@@ -253,35 +276,29 @@ class ModelManager:
     async def lease(self, name: str) -> AsyncIterator[Lease]:
         """Wait for a turn on the model (loading it if need be) and hold it for one generation.
 
-        Admission (the queue bound) is ``admit``'s job, called before the response starts.
+        Admission (the queue bound) is ``admit``'s job, called before the response starts. The request
+        timeout counts from here, time in the queue and generating: a load before it (``holding``) does not
+        count, so that a big model's first request does not time out while it loads.
         """
         slot = self.slot(name)
         ticket = object()
         failures_seen = slot.failures
+        timeout = self.settings.request_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout > 0 else None
         async with slot.changed:
             slot.queue.append(ticket)
             slot.changed.notify_all()
             try:
-                while True:
-                    if self._closing:
-                        raise overloaded("The server is shutting down", self.settings.retry_after)
-                    if slot.queue[0] is ticket:
-                        if slot.state == ModelState.LOADED and len(slot.running) < slot.concurrency:
-                            break
-                        if slot.state == ModelState.FAILED and slot.failures != failures_seen:
-                            raise APIError(500, slot.error or "The model failed to load", code="model_load_failed")
-                        if slot.state in (ModelState.UNLOADED, ModelState.FAILED) and (
-                            slot.pending_load is None or slot.pending_load.done()
-                        ):
-                            if not self.settings.autoload:
-                                self.admit(name)  # raises the 503 that explains why
-                            failures_seen = slot.failures
-                            slot.pending_load = self._spawn(self._load_quietly(slot))
-                    await slot.changed.wait()
-            except BaseException:
+                async with asyncio.timeout_at(deadline):
+                    await self._wait_turn(slot, ticket, failures_seen)
+            except BaseException as exc:
                 slot.queue.remove(ticket)
                 slot.changed.notify_all()
                 self._spawn(self._notify_residency())  # the model may be idle now
+                if isinstance(exc, TimeoutError):
+                    message, headers = timed_out(timeout, waiting=True)
+                    raise APIError(504, message, code="request_timeout", headers=headers) from None
                 raise
             slot.queue.popleft()
             assert slot.model is not None
@@ -290,9 +307,15 @@ class ModelManager:
             slot.last_used = time.time()
             slot.changed.notify_all()
         started = time.monotonic()
+        expiry = None
+        if deadline is not None:
+            message, headers = timed_out(timeout, waiting=False)
+            expiry = loop.call_at(deadline, lease.stop, message, "request_timeout", 504, headers)
         try:
             yield lease
         finally:
+            if expiry is not None:
+                expiry.cancel()
             async with slot.changed:
                 slot.running.discard(lease)
                 slot.last_used = time.time()
@@ -303,6 +326,26 @@ class ModelManager:
                 self.metrics.tokens.labels(name).inc(lease.tokens)
             async with self._residency:
                 self._residency.notify_all()
+
+    async def _wait_turn(self, slot: ModelSlot, ticket: object, failures_seen: int) -> None:
+        """Wait, holding ``slot.changed``, until the ticket is first in the queue and the model can run it;
+        start a load when nobody has."""
+        while True:
+            if self._closing:
+                raise overloaded("The server is shutting down", self.settings.retry_after)
+            if slot.queue[0] is ticket:
+                if slot.state == ModelState.LOADED and len(slot.running) < slot.concurrency:
+                    return
+                if slot.state == ModelState.FAILED and slot.failures != failures_seen:
+                    raise APIError(500, slot.error or "The model failed to load", code="model_load_failed")
+                if slot.state in (ModelState.UNLOADED, ModelState.FAILED) and (
+                    slot.pending_load is None or slot.pending_load.done()
+                ):
+                    if not self.settings.autoload:
+                        self.admit(slot.name)  # raises the 503 that explains why
+                    failures_seen = slot.failures
+                    slot.pending_load = self._spawn(self._load_quietly(slot))
+            await slot.changed.wait()
 
     async def _load_quietly(self, slot: ModelSlot) -> None:
         """A load started for waiting requests; they see its outcome in the slot."""

@@ -40,12 +40,16 @@ def provide_registry(request: Request[Any, Any, Any]) -> ModelRegistry:
     return registry
 
 
-def provide_chat_service(manager: NamedDependency[ModelManager]) -> ChatCompletionService:
-    return ChatCompletionService(manager)
+def provide_chat_service(
+    request: Request[Any, Any, Any], manager: NamedDependency[ModelManager]
+) -> ChatCompletionService:
+    return ChatCompletionService(manager, request.app.state.limits)
 
 
-def provide_completion_service(manager: NamedDependency[ModelManager]) -> CompletionService:
-    return CompletionService(manager)
+def provide_completion_service(
+    request: Request[Any, Any, Any], manager: NamedDependency[ModelManager]
+) -> CompletionService:
+    return CompletionService(manager, request.app.state.limits)
 
 
 DEPENDENCIES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
@@ -44,3 +44,13 @@ class Settings:
     unload_timeout: float = 30.0  # seconds an unload waits for running requests before cancelling them
     max_body_size: int = 8 * 1024 * 1024  # bytes of a request body; more gets 413
     shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM/SIGINT
+    # Access. Keys never show in a repr, a log line or a page.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # any of them opens /v1; none: /v1 is open
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # the admin side; none: the API keys guard it
+    insecure_no_auth: bool = False  # allow a non-loopback bind without any key
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones and the bind address; "*": any
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call /v1; "*": any
+    # Limits on one request.
+    max_messages: int = 2048  # messages in one chat request
+    max_tokens_limit: int = 0  # the largest max_tokens accepted, and the default for requests without; 0: none
+    request_timeout: float = 600.0  # seconds in the model's queue and generating; 0: no limit

@@ -11,7 +11,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import collections
 import importlib.metadata
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -153,6 +157,92 @@ class RunningServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class ServerProcess:
+    """``clemproxy serve`` as a user runs it: a real process, its log in a file beside the registry (a pipe
+    nobody reads would fill up and block the server)."""
+
+    def __init__(
+        self,
+        registry: Path,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = registry.parent / f"server-{self.port}.log"
+        command = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry), "--host", host]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [*command, "--port", str(self.port), *flags],
+                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                cwd=cwd or registry.parent,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_serving(self, timeout: float = 60) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None, f"the server exited with {self.process.returncode}: {self.log()}"
+            assert time.monotonic() < deadline, f"the server did not start: {self.log()}"
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def __enter__(self) -> ServerProcess:
+        return self.wait_serving()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+CSRF_IN_PAGE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+class AdminSession:
+    """What a browser holds on the admin page: its cookies, and the CSRF token the page puts in every form.
+    With a key it signs in through the login form first."""
+
+    def __init__(self, base_url: str, key: str | None = None) -> None:
+        self.client = httpx.Client(base_url=base_url, timeout=120, follow_redirects=True)
+        if key is not None:
+            login = self.client.get("/admin/login")
+            token = csrf_token_in(login.text)
+            signed_in = self.client.post("/admin/login", data={"key": key, "csrf_token": token, "next": "/admin/"})
+            assert signed_in.status_code == 200 and signed_in.url.path == "/admin/", signed_in.text
+        self.page = self.client.get("/admin/")
+        assert self.page.status_code == 200, self.page.text
+        self.token = csrf_token_in(self.page.text)
+
+    def post(self, path: str, data: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        """A form POST as the page's forms send it: with the CSRF token in a hidden field."""
+        return self.client.post(path, data={**(data or {}), "csrf_token": self.token}, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.get(path, **kwargs)
+
+
+def csrf_token_in(html: str) -> str:
+    match = CSRF_IN_PAGE.search(html)
+    assert match, "no CSRF token in the page"
+    return match[1]
 
 
 # ChatML written with the bos_token/eos_token variables, which SmolLM2's GGUF fills with <|im_start|>/<|im_end|>;

@@ -12,6 +12,7 @@ import pytest
 
 from backends import ModelRegistry
 from backends.registry import bundled_registry_path
+from proxy.settings import Settings
 from tests.conftest import SMOL, RunningServer, smol_entry, write_registry
 
 CHROMIUM = "/usr/bin/chromium"
@@ -128,3 +129,34 @@ def test_phone_width_fits_the_screen(browser: Any, admin_server: RunningServer) 
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
     shot(page, "5-phone")
     page.close()
+
+
+def test_sign_in_then_load_and_unload(browser: Any, tmp_path: Path) -> None:
+    """With an admin key the page asks for it once; the session cookie and the page's CSRF token then carry the
+    htmx buttons, and signing out ends the session."""
+    from playwright.sync_api import expect
+
+    registry = ModelRegistry.from_files([write_registry(tmp_path / "model_registry.json", [smol_entry()])])
+    with RunningServer(registry, Settings(admin_keys=("browser-admin-key",))) as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{server.base_url}/admin")
+        expect(page).to_have_url(f"{server.base_url}/admin/login?next=%2Fadmin")
+        page.fill("#key", "not-the-key")
+        page.click("button[type=submit]")
+        expect(page.locator(".error")).to_contain_text("not the admin key")
+        page.fill("#key", "browser-admin-key")
+        page.click("button[type=submit]")
+        smol = row(page, SMOL)
+        expect(smol.locator(".badge")).to_have_text("unloaded")
+        assert not any(c["name"] == "clemproxy_session" and not c["httpOnly"] for c in page.context.cookies())
+        page.wait_for_function("() => window.htmx !== undefined")
+        smol.locator("button.load").click()
+        expect(smol.locator(".badge")).to_have_text("loaded", timeout=60_000)
+        smol.locator("button.unload").click()
+        expect(smol.locator(".badge")).to_have_text("unloaded", timeout=60_000)
+        shot(page, "6-signed-in")
+        page.click(".sign-out button")
+        expect(page.locator("#key")).to_be_visible()
+        page.goto(f"{server.base_url}/admin")
+        expect(page.locator("#key")).to_be_visible()  # signed out: back to the form
+        page.close()

@@ -16,7 +16,7 @@ from admin import ENVIRONMENT, TEMPLATE
 from admin.views import decorate, row_id
 from backends import ModelRegistry
 from proxy.admin_api import entry_view
-from tests.conftest import SMOL, RunningServer, smol_entry, write_registry
+from tests.conftest import SMOL, AdminSession, RunningServer, smol_entry, write_registry
 
 HX = {"hx-request": "true"}
 
@@ -40,8 +40,13 @@ def get(server: RunningServer, path: str, **kwargs: Any) -> httpx.Response:
     return httpx.get(f"{server.base_url}{path}", timeout=60, **kwargs)
 
 
-def post(server: RunningServer, path: str, **kwargs: Any) -> httpx.Response:
-    return httpx.post(f"{server.base_url}{path}", timeout=60, follow_redirects=True, **kwargs)
+@pytest.fixture(scope="module")
+def admin(page_server: RunningServer) -> AdminSession:
+    return AdminSession(page_server.base_url)
+
+
+def post(admin: AdminSession, path: str, **kwargs: Any) -> httpx.Response:
+    return admin.post(path, **kwargs)
 
 
 def test_full_page_shows_every_entry_and_its_state(page_server: RunningServer) -> None:
@@ -72,8 +77,8 @@ def test_fragments(page_server: RunningServer) -> None:
     assert get(page_server, "/admin/rows/no-such-model").status_code == 404
 
 
-def test_htmx_load_answers_with_the_row_at_once(page_server: RunningServer) -> None:
-    row = post(page_server, f"/admin/models/{SMOL}/load", headers=HX, data={"placement": "entry"}).text
+def test_htmx_load_answers_with_the_row_at_once(page_server: RunningServer, admin: AdminSession) -> None:
+    row = post(admin, f"/admin/models/{SMOL}/load", headers=HX, data={"placement": "entry"}).text
     assert row.lstrip().startswith(f'<tr id="{row_id(SMOL)}"')
     assert "badge-loading" in row or "badge-loaded" in row  # loading…, and the row polls until it is done
     assert 'hx-trigger="every' in row
@@ -81,21 +86,21 @@ def test_htmx_load_answers_with_the_row_at_once(page_server: RunningServer) -> N
     while "badge-loaded" not in get(page_server, f"/admin/rows/{SMOL}").text:
         assert time.monotonic() < deadline, "the load did not finish"
         time.sleep(0.05)
-    unloaded = post(page_server, f"/admin/models/{SMOL}/unload", headers=HX).text
+    unloaded = post(admin, f"/admin/models/{SMOL}/unload", headers=HX).text
     assert "badge-unload" in unloaded  # unloading… or unloaded
 
 
-def test_forms_without_javascript_redirect_to_the_page(page_server: RunningServer) -> None:
-    loaded = post(page_server, f"/admin/models/{SMOL}/load", data={"placement": "cpu"})
+def test_forms_without_javascript_redirect_to_the_page(page_server: RunningServer, admin: AdminSession) -> None:
+    loaded = post(admin, f"/admin/models/{SMOL}/load", data={"placement": "cpu"})
     assert loaded.status_code == 200 and loaded.history[0].status_code == 303  # POST, then redirect to the page
     assert str(loaded.url).endswith("/admin/")
     assert "badge-loaded" in get(page_server, f"/admin/rows/{SMOL}").text
-    refused = post(page_server, f"/admin/models/{SMOL}/load", headers=HX, data={"placement": "layers", "layers": "x"})
+    refused = post(admin, f"/admin/models/{SMOL}/load", headers=HX, data={"placement": "layers", "layers": "x"})
     assert "whole number" in refused.text
-    conflict = post(page_server, f"/admin/models/{SMOL}/load", headers=HX, data={"placement": "entry"})
+    conflict = post(admin, f"/admin/models/{SMOL}/load", headers=HX, data={"placement": "entry"})
     assert "unload it before" in conflict.text  # loaded on the CPU by request: a different placement is refused
-    post(page_server, f"/admin/models/{SMOL}/unload")
-    failed = post(page_server, "/admin/models/smol-missing-file/load")
+    post(admin, f"/admin/models/{SMOL}/unload")
+    failed = post(admin, "/admin/models/smol-missing-file/load")
     assert failed.status_code == 200
     row = get(page_server, "/admin/rows/smol-missing-file").text
     assert "badge-failed" in row and "*Q8_0.gguf" in row and "Retry" in row

@@ -214,7 +214,7 @@ def test_client_leaving_the_queue_is_removed_from_it(srv: RunningServer) -> None
         body = json.dumps({"model": SMOL, "messages": COUNTING, "max_tokens": 5, "stream": stream}).encode()
         with socket.create_connection(("127.0.0.1", srv.port)) as raw:
             raw.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                 + f"content-length: {len(body)}\r\n\r\n".encode()
                 + body
             )

@@ -4,10 +4,7 @@ finishes (or, past --shutdown-timeout, ends with a clear error event), and the p
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,27 +12,9 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import SMOL, free_port, smol_entry, smol_hf_entry, write_registry
+from tests.conftest import SMOL, ServerProcess, smol_entry, smol_hf_entry, write_registry
 
 COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
-
-
-def start(registry: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry), "--port", str(port), *flags]
-    # The server's log goes to a file beside the registry: a pipe nobody reads would fill up and block the server.
-    log = open(registry.parent / "server.log", "wb")  # noqa: SIM115 - the server process writes to it
-    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=log)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                return process, base_url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
-        time.sleep(0.05)
 
 
 def stream_in_thread(base_url: str, model: str, max_tokens: int) -> tuple[threading.Thread, list[str]]:
@@ -67,11 +46,11 @@ def events(lines: list[str]) -> list[dict[str, Any]]:
 
 def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests(tmp_path: Path) -> None:
     registry = write_registry(tmp_path / "model_registry.json", [smol_entry()])
-    process, base_url = start(registry, "--shutdown-timeout", "60")
-    try:
+    with ServerProcess(registry, "--shutdown-timeout", "60") as server:
+        base_url = server.base_url
         thread, lines = stream_in_thread(base_url, SMOL, max_tokens=300)
         wait_running(base_url, SMOL)
-        process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         refused = httpx.post(
             f"{base_url}/v1/chat/completions", json={"model": SMOL, "messages": COUNTING, "max_tokens": 2}, timeout=30
         )
@@ -80,23 +59,19 @@ def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests(tmp_path:
         thread.join(timeout=120)
         finishing = [e for e in events(lines) if e.get("choices") and e["choices"][0]["finish_reason"]]
         assert [e["choices"][0]["finish_reason"] for e in finishing] == ["length"] and lines[-1] == "data: [DONE]"
-        assert process.wait(timeout=60) == 0
-    finally:
-        process.kill()
+        assert server.process.wait(timeout=60) == 0
 
 
 def test_sigterm_past_the_timeout_ends_streams_with_an_error(tmp_path: Path, smol_checkpoint: Path) -> None:
     # transformers on two cores is slow enough that 300 tokens outlast a 0.5 s shutdown timeout.
     registry = write_registry(tmp_path / "model_registry.json", [smol_hf_entry("smol-hf", smol_checkpoint)])
-    process, base_url = start(registry, "--shutdown-timeout", "0.5")
-    try:
+    with ServerProcess(registry, "--shutdown-timeout", "0.5") as server:
+        base_url = server.base_url
         thread, lines = stream_in_thread(base_url, "smol-hf", max_tokens=300)
         wait_running(base_url, "smol-hf")
-        process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         thread.join(timeout=120)
         assert lines[-1] == "data: [DONE]"
         error = events(lines)[-1]["error"]
         assert error["code"] == "server_shutting_down" and "shutting down" in error["message"]
-        assert process.wait(timeout=60) == 0
-    finally:
-        process.kill()
+        assert server.process.wait(timeout=60) == 0

@@ -1,0 +1,370 @@
+"""Who may do what: API and admin keys, the admin session, and the browser checks (Host, Origin, CORS, CSRF).
+
+One middleware decides, before any handler runs:
+
+- the ``Host`` header must name this server (loopback names, the bind address, ``--allowed-host``): a page
+  on another site that re-points its DNS name at 127.0.0.1 (DNS rebinding) gets a 400 (``/health``, which
+  probes reach by address, answers any name);
+- a browser may not make a state-changing request from another origin (its ``Origin`` header), except to
+  ``/v1`` from an origin given with ``--cors-origin``; CORS answers exist for ``/v1`` only;
+- ``/v1`` needs an API key (``Authorization: Bearer``) once any is configured; ``/admin/api`` and
+  ``/metrics`` need the admin key (bearer, or the page's session cookie for reading); the admin page needs
+  the session its login form starts. Without an admin key the API keys guard the admin side too; without
+  any key everything is open, and the CLI then listens on loopback only.
+
+CSRF tokens for the admin page's forms are checked by the admin controller (``require_csrf_token``), which
+reads the form; they are made and verified here. Keys are compared in constant time, by their digests,
+and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Scope, Send
+
+from proxy.errors import APIError
+from proxy.protocol import encode
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+SESSION_COOKIE = "clemproxy_session"
+CSRF_COOKIE = "clemproxy_csrf"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+LOGIN_PATH = "/admin/login"
+SESSION_SECONDS = 12 * 3600
+MAX_SESSIONS = 1000
+
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_EXPOSED = "x-request-id, retry-after"
+CORS_MAX_AGE = "600"
+
+
+class KeyFileError(Exception):
+    """A key file that cannot be used; the message names the file, never a key."""
+
+
+def read_key_file(path: Path) -> list[str]:
+    """One key per line; blank lines and ``#`` comments are skipped. An unreadable or empty file is an error:
+    a server meant to be guarded must not start open."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read key file {path}: {type(exc).__name__}") from None
+    found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not found:
+        raise KeyFileError(f"key file {path} has no key in it")
+    return found
+
+
+class RedactingFormatter(logging.Formatter):
+    """Blanks out the given secrets in every formatted line, tracebacks included: a second line of defence
+    behind code that never logs a key (a library logging a URL with a token in it, say)."""
+
+    def __init__(self, fmt: str, *, redact: Iterable[str]) -> None:
+        super().__init__(fmt)
+        self.secrets = sorted({s for s in redact if len(s) >= 4}, key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+
+def is_loopback(host: str) -> bool:
+    """Only what surely stays on this machine: ``localhost`` and loopback addresses. A name is not resolved."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """``Host`` without its port, lower-case: ``[::1]:8000`` -> ``::1``, ``Example.org.`` -> ``example.org``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    if header.count(":") == 1:
+        header = header.split(":", 1)[0]
+    return header.rstrip(".")
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def matches(given: str | None, digests: Sequence[bytes]) -> bool:
+    """Constant-time membership: every configured key is compared, digests have one length."""
+    if not given:
+        return False
+    candidate = digest(given)
+    found = False
+    for known in digests:
+        found |= hmac.compare_digest(candidate, known)
+    return found
+
+
+def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def area_of(path: str) -> str:
+    """Which rule guards a path: ``api``, ``admin_api`` (JSON and metrics), ``admin_page``, or ``open``."""
+    if path == "/v1" or path.startswith("/v1/"):
+        return "api"
+    if path.startswith("/admin/static/") or path.rstrip("/") == LOGIN_PATH:
+        return "open"
+    if path.startswith("/admin/api/") or path.rstrip("/") in ("/admin/api", "/metrics"):
+        return "admin_api"
+    if path.rstrip("/") == "/admin" or path.startswith("/admin/"):
+        return "admin_page"
+    return "open"  # /health, and paths that route nowhere (404)
+
+
+class AccessControl:
+    """The keys, sessions and browser rules of one server; lives on ``app.state.access``."""
+
+    def __init__(
+        self,
+        *,
+        api_keys: Iterable[str] = (),
+        admin_keys: Iterable[str] = (),
+        bind_host: str = "127.0.0.1",
+        allowed_hosts: Iterable[str] = (),
+        cors_origins: Iterable[str] = (),
+    ) -> None:
+        api = [digest(k) for k in api_keys]
+        admin = [digest(k) for k in admin_keys]
+        self.api_open = not api  # /v1 without a key
+        self.admin_open = not (admin or api)  # the admin side without a key
+        self._api_digests = api + admin  # the admin key works for /v1 too
+        self._admin_digests = admin or api  # without an admin key, the API keys guard the admin side
+        self.admin_key_kind = "admin key" if admin else "API key"
+        extra = [host_name(h) if h != "*" and not h.startswith("*.") else h.lower() for h in allowed_hosts]
+        bind = [] if bind_host in WILDCARD_ADDRESSES else [host_name(bind_host)]
+        self.allowed_hosts = tuple(dict.fromkeys([*LOOPBACK_NAMES, *bind, *extra]))
+        self.cors_origins = tuple(origin.rstrip("/").lower() for origin in cors_origins)
+        self._sessions: dict[str, float] = {}  # session id -> expiry (time.time())
+        self._secret = secrets.token_bytes(32)  # signs CSRF tokens; new per process
+
+    # --- keys ----------------------------------------------------------------------------------------
+
+    def api_key_ok(self, key: str | None) -> bool:
+        return self.api_open or matches(key, self._api_digests)
+
+    def admin_key_ok(self, key: str | None) -> bool:
+        return self.admin_open or matches(key, self._admin_digests)
+
+    # --- admin sessions ------------------------------------------------------------------------------
+
+    def start_session(self) -> str:
+        now = time.time()
+        self._sessions = {sid: expiry for sid, expiry in self._sessions.items() if expiry > now}
+        while len(self._sessions) >= MAX_SESSIONS:
+            self._sessions.pop(next(iter(self._sessions)))  # the oldest
+        session = secrets.token_urlsafe(32)
+        self._sessions[session] = now + SESSION_SECONDS
+        return session
+
+    def session_ok(self, session: str | None) -> bool:
+        expiry = self._sessions.get(session or "")
+        return expiry is not None and expiry > time.time()
+
+    def end_session(self, session: str | None) -> None:
+        self._sessions.pop(session or "", None)
+
+    # --- CSRF ----------------------------------------------------------------------------------------
+
+    def csrf_token(self, cookie: str) -> str:
+        """The token a page embeds for the browser holding ``cookie``: another site can read neither."""
+        return hmac.new(self._secret, cookie.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def csrf_ok(self, cookie: str | None, token: str | None) -> bool:
+        return bool(cookie and token) and hmac.compare_digest(self.csrf_token(cookie or ""), token or "")
+
+    # --- browser rules -------------------------------------------------------------------------------
+
+    def host_ok(self, header: str | None) -> bool:
+        if header is None:  # HTTP/1.0 without Host: not a browser, so not a rebinding attack
+            return True
+        name = host_name(header)
+        for allowed in self.allowed_hosts:
+            if allowed == "*" or name == allowed or (allowed.startswith("*.") and name.endswith(allowed[1:])):
+                return True
+        return False
+
+    def cors_allows(self, origin: str) -> bool:
+        return "*" in self.cors_origins or origin.rstrip("/").lower() in self.cors_origins
+
+    def describe(self) -> list[str]:
+        """What a person starting the server should know, one line each; no key appears in them."""
+        lines = [
+            "/v1: open, no API key" if self.api_open else f"/v1: API key required ({len(self._api_digests)} accepted)",
+            "admin page and /admin/api: open, no key"
+            if self.admin_open
+            else f"admin page and /admin/api: {self.admin_key_kind} required",
+            f"Host names answered: {', '.join(self.allowed_hosts)} (add more with --allowed-host)",
+        ]
+        if self.cors_origins:
+            lines.append(f"CORS for /v1 from: {', '.join(self.cors_origins)}")
+        return lines
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    return host is not None and urlsplit(origin).netloc.lower() == host.strip().lower()
+
+
+async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [*headers, (b"content-length", str(len(body)).encode())],
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Send, error: APIError, extra: list[tuple[bytes, bytes]]) -> None:
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    headers = [(b"content-type", b"application/json"), *headers, *extra]
+    await respond(send, error.status, headers, encode(error.body()))
+
+
+def cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"access-control-allow-origin", origin.encode("latin-1")),
+        (b"access-control-expose-headers", CORS_EXPOSED.encode()),
+        (b"vary", b"Origin"),
+    ]
+
+
+def login_location(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    target = connection.url.path + (f"?{connection.url.query}" if connection.url.query else "")
+    return f"{LOGIN_PATH}?next={quote(target, safe='')}"
+
+
+def access_control_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        access: AccessControl = scope["app"].state.access
+        connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope, receive)
+        refusal, cors_origin = check(access, connection)
+        if isinstance(refusal, APIError):  # readable by an allowed origin's page (a 401, say)
+            await send_error(send, refusal, cors_headers(cors_origin) if cors_origin is not None else [])
+            return
+        if isinstance(refusal, str):  # where a page without a session goes: the login form
+            await respond(send, 303, [(b"location", refusal.encode("latin-1"))])
+            return
+        if cors_origin is not None and scope["method"] == "OPTIONS":  # an allowed preflight
+            headers = [
+                *cors_headers(cors_origin),
+                (b"access-control-allow-methods", CORS_METHODS.encode()),
+                (b"access-control-max-age", CORS_MAX_AGE.encode()),
+            ]
+            requested = connection.headers.get("access-control-request-headers")
+            if requested:
+                headers.append((b"access-control-allow-headers", requested.encode("latin-1")))
+            await respond(send, 204, headers)
+            return
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start" and cors_origin is not None:
+                message["headers"] = [*message.get("headers", []), *cors_headers(cors_origin)]
+            await send(message)
+
+        await app(scope, receive, send_with_cors)
+
+    return middleware
+
+
+def check(
+    access: AccessControl, connection: ASGIConnection[Any, Any, Any, Any]
+) -> tuple[APIError | str | None, str | None]:
+    """``(refusal, cors_origin)``: an error to answer with, a login page to redirect to, or ``None`` to go on;
+    and the origin to grant CORS to. Records how the request authenticated in ``scope["state"]["auth"]``."""
+    host = connection.headers.get("host")
+    path, method = connection.url.path, str(connection.scope.get("method", "GET"))
+    # /health answers any Host: container and orchestrator probes use an address, and it tells little.
+    if not access.host_ok(host) and path.rstrip("/") != "/health":
+        return (
+            APIError(
+                400,
+                f"This server does not answer to the host name '{host_name(host or '')}'; start it with "
+                "--allowed-host to add that name",
+                code="invalid_host",
+            ),
+            None,
+        )
+    area = area_of(path)
+    origin = connection.headers.get("origin")
+    cross_origin = origin is not None and not same_origin(origin, host)
+    cors_origin = origin if origin is not None and area == "api" and access.cors_allows(origin) else None
+    preflight = method == "OPTIONS" and origin is not None and "access-control-request-method" in connection.headers
+    if cross_origin and cors_origin is None and (preflight or method not in SAFE_METHODS):
+        return (
+            APIError(
+                403,
+                f"Cross-origin requests from {origin} are not allowed"
+                + (" (--cors-origin allows an origin for /v1)" if area == "api" else ""),
+                code="cross_origin_request",
+            ),
+            None,
+        )
+    if preflight:
+        return None, cors_origin  # a preflight carries no credentials
+    state = connection.scope.setdefault("state", {})
+    token = bearer_token(connection)
+    session = connection.cookies.get(SESSION_COOKIE)
+    if area == "api":
+        state["auth"] = "open" if access.api_open else "bearer"
+        if not access.api_key_ok(token):
+            return unauthorized(token, "an API key"), cors_origin
+    elif area in ("admin_api", "admin_page"):
+        if access.admin_open:
+            state["auth"] = "open"
+        elif token is not None and access.admin_key_ok(token):
+            state["auth"] = "bearer"
+        elif access.session_ok(session) and (area == "admin_page" or method in SAFE_METHODS):
+            state["auth"] = "session"  # unsafe admin_page requests also need a CSRF token (the controller)
+        elif area == "admin_page" and token is None:
+            if connection.headers.get("hx-request"):  # htmx follows HX-Redirect, also on a 401
+                error = unauthorized(None, f"the {access.admin_key_kind}")
+                error.headers["HX-Redirect"] = LOGIN_PATH
+                return error, None
+            return login_location(connection), None
+        else:
+            return unauthorized(token, f"the {access.admin_key_kind}"), None
+    else:
+        state["auth"] = "open"
+    return None, cors_origin
+
+
+def unauthorized(token: str | None, needed: str) -> APIError:
+    """A 401 in OpenAI's envelope; it never repeats the key it was given."""
+    if token is None:
+        message, code = f"This request needs {needed}: send it as 'Authorization: Bearer <key>'", "missing_api_key"
+    else:
+        message, code = f"The key given is not {needed}", "invalid_api_key"
+    return APIError(401, message, code=code, headers={"WWW-Authenticate": 'Bearer realm="clemproxy"'})
