@@ -2,11 +2,13 @@
 
     .venv/bin/python scripts/soak.py [--seconds 60] [--clients 16] [--model SmolLM2-135M-Instruct-GGUF]
 
-Starts ``clemproxy serve`` on the bundled registry in a subprocess, then runs ``--clients`` clients for
-``--seconds``. Each request is, at random: a streamed chat completion read to the end; one whose client
-disconnects after a few chunks; a non-streamed one; or a malformed body. It reports requests by outcome,
-the server's RSS at the start (model loaded) and the end, and whether the server still answers.
-Exits 1 if a well-formed request got anything but 200 or a 503 with Retry-After, or the server died.
+Starts ``clemproxy serve`` on the bundled registry in a subprocess, guarded by an API key and an admin key,
+then runs ``--clients`` clients for ``--seconds``. Each request is, at random: a streamed chat completion
+read to the end; one whose client disconnects after a few chunks; a non-streamed one; a malformed body; or
+one without the API key. It reports requests by outcome, the server's RSS at the start (model loaded) and
+the end, whether the server still answers, and its exit code after SIGTERM.
+Exits 1 if a well-formed request got anything but 200 or a 503 with Retry-After, a keyless one anything
+but 401, or the server died or did not exit 0.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import collections
 import json
 import os
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -27,6 +30,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 MALFORMED = [b"{not json", b"[1, 2]", b'{"model": 7, "messages": []}', b'{"messages": [{"role": "robot"}]}']
+# The server runs guarded, as a shared one would: clients send the API key, a share of them none.
+API_KEY = secrets.token_hex(16)
+ADMIN_KEY = secrets.token_hex(16)
 
 
 def free_port() -> int:
@@ -36,19 +42,24 @@ def free_port() -> int:
 
 
 async def rss(client: httpx.AsyncClient) -> int:
-    return int((await client.get("/admin/api/models")).json()["process"]["rss_bytes"])
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    return int((await client.get("/admin/api/models", headers=admin)).json()["process"]["rss_bytes"])
 
 
 async def one_request(
     client: httpx.AsyncClient, model: str, rng: random.Random, outcomes: collections.Counter[str]
 ) -> None:
-    kind = rng.choices(["stream", "disconnect", "whole", "malformed"], weights=[5, 2, 2, 1])[0]
+    kind = rng.choices(["stream", "disconnect", "whole", "malformed", "no key"], weights=[5, 2, 2, 1, 1])[0]
     body = {
         "model": model,
         "messages": [{"role": "user", "content": rng.choice(["Name three colors.", "Count to twenty.", "Say hi."])}],
         "max_tokens": rng.randint(8, 48),
         "temperature": rng.choice([0, 0.7]),
     }
+    if kind == "no key":
+        response = await client.post("/v1/chat/completions", json=body, headers={"authorization": ""})
+        outcomes[f"no key -> {response.status_code}"] += 1
+        return
     if kind == "malformed":
         response = await client.post("/v1/chat/completions", content=rng.choice(MALFORMED))
         outcomes[f"malformed -> {response.status_code}"] += 1
@@ -83,7 +94,8 @@ async def client_loop(
     base_url: str, model: str, deadline: float, seed: int, outcomes: collections.Counter[str]
 ) -> None:
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, headers=headers) as client:
         while time.monotonic() < deadline:
             overloaded = sum(n for outcome, n in outcomes.items() if "503" in outcome)
             try:
@@ -97,7 +109,7 @@ async def client_loop(
 async def soak(base_url: str, model: str, seconds: float, clients: int) -> tuple[collections.Counter[str], int, int]:
     outcomes: collections.Counter[str] = collections.Counter()
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        await client.post(f"/admin/api/models/{model}/load")
+        await client.post(f"/admin/api/models/{model}/load", headers={"authorization": f"Bearer {ADMIN_KEY}"})
         start_rss = await rss(client)
         deadline = time.monotonic() + seconds
         await asyncio.gather(*(client_loop(base_url, model, deadline, seed, outcomes) for seed in range(clients)))
@@ -112,7 +124,7 @@ def main() -> int:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct-GGUF")
     args = parser.parse_args()
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLEMPROXY_API_KEY": API_KEY, "CLEMPROXY_ADMIN_KEY": ADMIN_KEY}
     server = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--log-level", "warning"],
         cwd=ROOT,
@@ -133,17 +145,18 @@ def main() -> int:
         elapsed = time.monotonic() - started
         alive = server.poll() is None and httpx.get(f"{base_url}/health", timeout=5).status_code == 200
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.terminate()  # SIGTERM: a graceful stop exits 0
+        exit_code = server.wait(timeout=60)
     total = sum(outcomes.values())
     print(f"{total} requests from {args.clients} clients in {elapsed:.0f} s against {args.model}")
     for outcome, count in sorted(outcomes.items()):
         print(f"  {count:6d}  {outcome}")
     print(f"server RSS with the model loaded: {start_rss >> 20} MiB at the start, {end_rss >> 20} MiB at the end")
-    print(f"server still answering: {alive}")
+    print(f"server still answering: {alive}; exit code after SIGTERM: {exit_code}")
     bad = [o for o in outcomes if "TRUNCATED" in o or "client error" in o or ("-> 5" in o and "Retry-After" not in o)]
     bad += [o for o in outcomes if o.startswith(("stream", "whole")) and "-> 4" in o]
-    if bad or not alive:
+    bad += [o for o in outcomes if o.startswith("no key") and "-> 401" not in o]
+    if bad or not alive or exit_code != 0:
         print(f"FAILED: {bad or 'server not answering'}")
         return 1
     return 0
