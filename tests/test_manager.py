@@ -25,6 +25,7 @@ import openai
 import pytest
 
 from backends import LoadOptions, ModelRegistry
+from proxy.errors import APIError
 from proxy.manager import ManagerSettings, ModelManager, ModelState
 from proxy.settings import Settings, parse_memory
 from tests.conftest import SMOL, RunningServer, free_port, smol_entry, smol_hf_entry, write_registry
@@ -341,6 +342,30 @@ async def test_load_unload_and_request_races_end_consistent() -> None:
                 assert not slot.running and not slot.queue
                 resident += slot.state == ModelState.LOADED
             assert resident <= 1
+    finally:
+        await manager.close()
+
+
+async def test_request_timeout_counts_the_wait_in_the_queue() -> None:
+    """A request still queued at its deadline leaves the queue with a 504; the request that holds the model is
+    told to stop (its generation checks the lease), and the queue is empty afterwards."""
+    manager = ModelManager(
+        ModelRegistry.from_list([smol_entry()]), LoadOptions(), settings=ManagerSettings(request_timeout=0.3)
+    )
+    try:
+        await manager.load(SMOL)
+        async with manager.lease(SMOL) as holder:  # the model's one generation slot, held past the deadline
+            with pytest.raises(APIError) as waited:
+                async with manager.lease(SMOL):
+                    pytest.fail("the second lease should not have been granted")
+            assert waited.value.status == 504 and waited.value.code == "request_timeout"
+            assert "waiting for its turn" in waited.value.message
+            assert waited.value.headers["x-should-retry"] == "false"
+            assert not manager.slot(SMOL).queue
+            await asyncio.sleep(0.1)
+            stopped = holder.error()
+            assert stopped is not None and stopped.status == 504 and "generating" in stopped.message
+            assert holder.cancel_event().is_set()  # a generation started now stops at once
     finally:
         await manager.close()
 
