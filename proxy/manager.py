@@ -555,6 +555,8 @@ class ModelManager:
         """Wait up to ``timeout`` for the slot's running requests, then stop them with ``reason`` and wait for
         them to end (within a token)."""
         async with slot.changed:
+            if not slot.running and not slot.holds:
+                return  # also with timeout 0 (shutdown), where wait_for would time out before looking
             try:
                 await asyncio.wait_for(slot.changed.wait_for(lambda: not slot.running and not slot.holds), timeout)
             except TimeoutError:
