@@ -191,7 +191,7 @@ def keys(args: argparse.Namespace, kind: str) -> tuple[str, ...]:
     found = listed(args, f"{kind}_key")
     for path in listed(args, f"{kind}_key_file"):
         found.extend(read_key_file(Path(path)))
-    return tuple(dict.fromkeys(found))
+    return tuple(dict.fromkeys(key.strip() for key in found if key.strip()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

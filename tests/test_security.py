@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.cli import build_parser
+from proxy.cli import build_parser, keys
 from proxy.security import RedactingFormatter, host_name, is_loopback, read_key_file
 from tests.conftest import SMOL, AdminSession, ServerProcess, csrf_token_in, free_port, smol_entry, write_registry
 
@@ -341,6 +341,17 @@ def test_key_files_skip_comments_and_refuse_to_be_empty(tmp_path: Path) -> None:
     keys.write_text("# nothing yet\n", encoding="utf-8")
     with pytest.raises(Exception, match="has no key in it"):
         read_key_file(keys)
+
+
+def test_keys_come_from_flags_the_environment_and_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "keys.txt").write_text("from-file\n", encoding="utf-8")
+    args = build_parser().parse_args(
+        ["serve", "--api-key", "from-flag", "--api-key", " ", "--api-key-file", "keys.txt"]
+    )
+    monkeypatch.chdir(tmp_path)
+    assert keys(args, "api") == ("from-flag", "from-file")  # an empty key is no key
+    monkeypatch.setenv("CLEMPROXY_ADMIN_KEY", "env-one, env-two")
+    assert keys(build_parser().parse_args(["serve"]), "admin") == ("env-one", "env-two")
 
 
 def test_access_flags_and_their_environment(monkeypatch: pytest.MonkeyPatch) -> None:
