@@ -65,39 +65,33 @@ class ManagerSettings:
 
 
 class Lease:
-    """One request's hold on a loaded model; ``stop`` ends its generation early with a reason."""
+    """One request's hold on a loaded model; ``stop`` ends its generation early with the error its request
+    answers with."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
         self._cancels: list[threading.Event] = []
-        self.reason: str | None = None
-        self.code = "model_unloaded"  # the error code its request answers with once stopped
-        self.status = 503
-        self.headers: dict[str, str] = {}
+        self._stopped: APIError | None = None
         self.tokens = 0  # generated under this lease, as its request counts them (for tokens per second)
 
     def cancel_event(self) -> threading.Event:
         """A cancel flag for one generation under this lease (a request with ``n`` > 1 runs several)."""
         event = threading.Event()
-        if self.reason is not None:
+        if self._stopped is not None:
             event.set()
         self._cancels.append(event)
         return event
 
-    def stop(
-        self, reason: str, code: str = "model_unloaded", status: int = 503, headers: dict[str, str] | None = None
-    ) -> None:
-        if self.reason is not None:
+    def stop(self, error: APIError) -> None:
+        if self._stopped is not None:
             return  # the first reason stands
-        self.reason, self.code, self.status, self.headers = reason, code, status, headers or {}
+        self._stopped = error
         for event in self._cancels:
             event.set()
 
     def error(self) -> APIError | None:
         """The error its request answers with, once stopped."""
-        if self.reason is None:
-            return None
-        return APIError(self.status, self.reason, code=self.code, headers=self.headers)
+        return self._stopped
 
 
 class ModelSlot:
@@ -163,13 +157,15 @@ class ModelSlot:
         }
 
 
-def timed_out(timeout: float, waiting: bool) -> tuple[str, dict[str, str]]:
-    """The message of a request past ``--request-timeout``; the same request would only time out again,
-    so the OpenAI SDKs are told not to retry it."""
+def timed_out(timeout: float, waiting: bool) -> APIError:
+    """A request past ``--request-timeout``; the same request would only time out again, so the OpenAI SDKs
+    are told not to retry it."""
     where = "waiting for its turn on the model" if waiting else "generating"
-    return (
+    return APIError(
+        504,
         f"The request was ended after {timeout:g} s {where}: the server's request timeout (--request-timeout)",
-        {"x-should-retry": "false"},
+        code="request_timeout",
+        headers={"x-should-retry": "false"},
     )
 
 
@@ -297,8 +293,7 @@ class ModelManager:
                 slot.changed.notify_all()
                 self._spawn(self._notify_residency())  # the model may be idle now
                 if isinstance(exc, TimeoutError):
-                    message, headers = timed_out(timeout, waiting=True)
-                    raise APIError(504, message, code="request_timeout", headers=headers) from None
+                    raise timed_out(timeout, waiting=True) from None
                 raise
             slot.queue.popleft()
             assert slot.model is not None
@@ -309,8 +304,7 @@ class ModelManager:
         started = time.monotonic()
         expiry = None
         if deadline is not None:
-            message, headers = timed_out(timeout, waiting=False)
-            expiry = loop.call_at(deadline, lease.stop, message, "request_timeout", 504, headers)
+            expiry = loop.call_at(deadline, lease.stop, timed_out(timeout, waiting=False))
         try:
             yield lease
         finally:
@@ -562,7 +556,7 @@ class ModelManager:
             except TimeoutError:
                 logger.warning("%s: ending %d running requests: %s", slot.name, len(slot.running), reason)
                 for lease in slot.running:
-                    lease.stop(reason, code)
+                    lease.stop(APIError(503, reason, code=code))
                 await slot.changed.wait_for(lambda: not slot.running and not slot.holds)
 
     async def close(self) -> None:
