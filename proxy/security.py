@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from litestar import Request, Response
 from litestar.connection import ASGIConnection
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Scope, Send
+from litestar.response import Redirect
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.errors import APIError
-from proxy.protocol import encode
+from proxy.errors import APIError, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -234,28 +235,8 @@ def same_origin(origin: str, host: str | None) -> bool:
     return host is not None and urlsplit(origin).netloc.lower() == host.strip().lower()
 
 
-async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
-    start: HTTPResponseStartEvent = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [*headers, (b"content-length", str(len(body)).encode())],
-    }
-    await send(start)
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def send_error(send: Send, error: APIError, extra: list[tuple[bytes, bytes]]) -> None:
-    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
-    headers = [(b"content-type", b"application/json"), *headers, *extra]
-    await respond(send, error.status, headers, encode(error.body()))
-
-
-def cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"access-control-allow-origin", origin.encode("latin-1")),
-        (b"access-control-expose-headers", CORS_EXPOSED.encode()),
-        (b"vary", b"Origin"),
-    ]
+def cors_headers(origin: str) -> dict[str, str]:
+    return {"access-control-allow-origin": origin, "access-control-expose-headers": CORS_EXPOSED, "vary": "Origin"}
 
 
 def login_location(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
@@ -269,32 +250,30 @@ def access_control_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         access: AccessControl = scope["app"].state.access
-        connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope, receive)
-        refusal, cors_origin = check(access, connection)
-        if isinstance(refusal, APIError):  # readable by an allowed origin's page (a 401, say)
-            await send_error(send, refusal, cors_headers(cors_origin) if cors_origin is not None else [])
-            return
-        if isinstance(refusal, str):  # where a page without a session goes: the login form
-            await respond(send, 303, [(b"location", refusal.encode("latin-1"))])
-            return
-        if cors_origin is not None and scope["method"] == "OPTIONS":  # an allowed preflight
-            headers = [
-                *cors_headers(cors_origin),
-                (b"access-control-allow-methods", CORS_METHODS.encode()),
-                (b"access-control-max-age", CORS_MAX_AGE.encode()),
-            ]
-            requested = connection.headers.get("access-control-request-headers")
-            if requested:
-                headers.append((b"access-control-allow-headers", requested.encode("latin-1")))
-            await respond(send, 204, headers)
+        request: Request[Any, Any, Any] = Request(scope, receive)
+        refusal, cors_origin = check(access, request)
+        cors = cors_headers(cors_origin) if cors_origin is not None else {}
+        answer: Response[Any] | None = None
+        if isinstance(refusal, APIError):  # with CORS headers, readable by an allowed origin's page (a 401, say)
+            answer = error_response(refusal)
+        elif isinstance(refusal, str):  # where a page without a session goes: the login form
+            answer = Redirect(path=refusal, status_code=303)
+        elif cors_origin is not None and request.method == "OPTIONS":  # an allowed preflight
+            cors |= {"access-control-allow-methods": CORS_METHODS, "access-control-max-age": CORS_MAX_AGE}
+            if requested := request.headers.get("access-control-request-headers"):
+                cors["access-control-allow-headers"] = requested
+            answer = Response(content=None, status_code=204)
+        if answer is not None:
+            await answer.to_asgi_response(None, request, headers=cors)(scope, receive, send)
             return
 
         async def send_with_cors(message: Message) -> None:
-            if message["type"] == "http.response.start" and cors_origin is not None:
-                message["headers"] = [*message.get("headers", []), *cors_headers(cors_origin)]
+            if message["type"] == "http.response.start":
+                extra = [(name.encode(), value.encode("latin-1")) for name, value in cors.items()]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
-        await app(scope, receive, send_with_cors)
+        await app(scope, receive, send_with_cors if cors else send)
 
     return middleware
 
@@ -336,7 +315,6 @@ def check(
         return None, cors_origin  # a preflight carries no credentials
     state = connection.scope.setdefault("state", {})
     token = bearer_token(connection)
-    session = connection.cookies.get(SESSION_COOKIE)
     if area == "api":
         state["auth"] = "open" if access.api_open else "bearer"
         if not access.api_key_ok(token):
@@ -346,7 +324,9 @@ def check(
             state["auth"] = "open"
         elif token is not None and access.admin_key_ok(token):
             state["auth"] = "bearer"
-        elif access.session_ok(session) and (area == "admin_page" or method in SAFE_METHODS):
+        elif access.session_ok(connection.cookies.get(SESSION_COOKIE)) and (
+            area == "admin_page" or method in SAFE_METHODS
+        ):
             state["auth"] = "session"  # unsafe admin_page requests also need a CSRF token (the controller)
         elif area == "admin_page" and token is None:
             if connection.headers.get("hx-request"):  # htmx follows HX-Redirect, also on a 401
