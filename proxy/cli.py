@@ -31,6 +31,11 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"CLEMPROXY_{name}", default)
 
 
+def env_name(flag: str) -> str:
+    """``--max-queue`` (or the argparse dest ``max_queue``) -> ``MAX_QUEUE``, read as ``CLEMPROXY_MAX_QUEUE``."""
+    return flag.removeprefix("--").replace("-", "_").upper()
+
+
 def _env_list(name: str) -> list[str]:
     return [item.strip() for item in _env(name, "").split(",") if item.strip()]
 
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def option(flag: str, convert: Callable[[str], Any], default: str, help: str, **kwargs: Any) -> None:
         """A flag whose default comes from CLEMPROXY_<FLAG>, which its help names."""
-        env = flag.removeprefix("--").replace("-", "_").upper()
+        env = env_name(flag)
         serve.add_argument(
             flag, type=convert, default=convert(_env(env, default)), help=f"{help} (env CLEMPROXY_{env})", **kwargs
         )
@@ -145,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def repeatable(flag: str, help: str, metavar: str, convert: Callable[[str], Any] = str) -> None:
-        env = flag.removeprefix("--").replace("-", "_").upper()
+        env = env_name(flag)
         access.add_argument(
             flag,
             action="append",
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def listed(args: argparse.Namespace, name: str) -> list[Any]:
     """A repeatable flag's values, or its environment variable's comma-separated ones."""
     given = getattr(args, name)
-    return list(given) if given is not None else _env_list(name.upper())
+    return list(given) if given is not None else _env_list(env_name(name))
 
 
 def keys(args: argparse.Namespace, kind: str) -> tuple[str, ...]:
@@ -212,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_level=args.log_level,
             context_size=args.context_size,
             autoload=args.autoload,
-            preload=tuple(args.preload if args.preload is not None else _env_list("PRELOAD")),
+            preload=tuple(listed(args, "preload")),
             max_queue=args.max_queue,
             idle_unload=args.idle_unload,
             max_loaded=args.max_loaded,
