@@ -40,6 +40,7 @@ from proxy.security import (
     SESSION_COOKIE,
     SESSION_SECONDS,
     AccessControl,
+    auth_of,
 )
 
 HERE = Path(__file__).parent
@@ -93,7 +94,7 @@ def csrf_token(request: Request[Any, Any, Any]) -> tuple[str, list[Cookie]]:
 async def require_csrf_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Every state-changing admin request carries the page's CSRF token (form field, or the header htmx sends),
     unless it authenticated with a bearer key, which a browser never adds on its own."""
-    if connection.scope.get("method") in SAFE_METHODS or connection.scope.get("state", {}).get("auth") == "bearer":
+    if connection.scope.get("method") in SAFE_METHODS or auth_of(connection) == "bearer":
         return
     token = connection.headers.get(CSRF_HEADER)
     if token is None:
@@ -168,7 +169,7 @@ class AdminController(Controller):
     ) -> Response[str]:
         context = page_context(registry, manager, q.strip())
         token, cookies = csrf_token(request)
-        signed_in = request.scope.get("state", {}).get("auth") == "session"
+        signed_in = auth_of(request) == "session"
         page = ENVIRONMENT.get_template(TEMPLATE).render(**context, csrf_token=token, signed_in=signed_in)
         return html(page, cookies=cookies)
 

@@ -278,6 +278,11 @@ def access_control_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+def auth_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """How ``check`` let a request in: ``open``, ``bearer`` or ``session``."""
+    return str(connection.scope.get("state", {}).get("auth", "open"))
+
+
 def check(
     access: AccessControl, connection: ASGIConnection[Any, Any, Any, Any]
 ) -> tuple[APIError | str | None, str | None]:
