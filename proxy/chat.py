@@ -16,7 +16,7 @@ from backends.model import TokenLogprob as BackendTokenLogprob
 from proxy.errors import APIError
 from proxy.generation import generate_text
 from proxy.limits import NO_LIMITS, RequestLimits
-from proxy.manager import ModelManager
+from proxy.manager import Lease, ModelManager
 from proxy.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -137,10 +137,9 @@ class ChatCompletionService:
             for choice_params in choice_parameters(params, request.n or 1):
                 outcome = GenerationOutcome()
                 outcomes.append(outcome)
-                generation = generate_text(lease.model, prompt, choice_params, outcome, lease.cancel_event())
-                async with aclosing(timed_first_delta(generation, self.manager, request.model)) as deltas:
+                generation = leased_generation(self.manager, request.model, lease, prompt, choice_params, outcome)
+                async with aclosing(generation) as deltas:
                     contents.append("".join([delta async for delta in deltas]))
-                lease.tokens += outcome.completion_tokens
         if error := lease.error():
             raise error
         return ChatCompletion(
@@ -203,14 +202,11 @@ class ChatCompletionService:
                     outcome = GenerationOutcome()
                     outcomes.append(outcome)
                     sent = 0
-                    try:
-                        yield chunk(index, Delta(role="assistant", content=""))
-                        generation = generate_text(lease.model, prompt, choice_params, outcome, lease.cancel_event())
-                        async with aclosing(timed_first_delta(generation, self.manager, name)) as deltas:
-                            async for delta in deltas:
-                                yield chunk(index, Delta(content=delta), outcome=outcome)
-                    finally:
-                        lease.tokens += outcome.completion_tokens  # also for a client that left mid-stream
+                    yield chunk(index, Delta(role="assistant", content=""))
+                    generation = leased_generation(self.manager, name, lease, prompt, choice_params, outcome)
+                    async with aclosing(generation) as deltas:
+                        async for delta in deltas:
+                            yield chunk(index, Delta(content=delta), outcome=outcome)
                     if error := lease.error():
                         raise error
                     yield chunk(index, Delta(), outcome.finish_reason, outcome)
@@ -230,18 +226,28 @@ class ChatCompletionService:
         yield DONE_EVENT
 
 
-async def timed_first_delta(
-    deltas: AsyncGenerator[str, None], manager: ModelManager, model: str
+async def leased_generation(
+    manager: ModelManager,
+    model: str,
+    lease: Lease,
+    prompt: PreparedPrompt,
+    params: GenerationParams,
+    outcome: GenerationOutcome,
 ) -> AsyncGenerator[str, None]:
-    """Pass the deltas through, recording the time to the first one in the metrics."""
+    """One generation under ``lease``, for both completion services: it stops when the lease is stopped,
+    records its time to the first delta in the metrics, and counts its tokens on the lease, also for a
+    client that left mid-stream."""
     started = time.monotonic()
     first = True
-    async with aclosing(deltas):
-        async for delta in deltas:
-            if first and manager.metrics is not None:
-                manager.metrics.first_token.labels(model).observe(time.monotonic() - started)
-            first = False
-            yield delta
+    try:
+        async with aclosing(generate_text(lease.model, prompt, params, outcome, lease.cancel_event())) as deltas:
+            async for delta in deltas:
+                if first and manager.metrics is not None:
+                    manager.metrics.first_token.labels(model).observe(time.monotonic() - started)
+                first = False
+                yield delta
+    finally:
+        lease.tokens += outcome.completion_tokens
 
 
 def stream_error(name: str, exc: Exception) -> bytes:

@@ -15,9 +15,16 @@ from typing import Any
 
 from backends import GenerationOutcome, GenerationParams, PreparedPrompt
 from backends.model import TokenLogprob as BackendTokenLogprob
-from proxy.chat import DONE_EVENT, SYSTEM_FINGERPRINT, choice_parameters, sse, stream_error, usage_of
+from proxy.chat import (
+    DONE_EVENT,
+    SYSTEM_FINGERPRINT,
+    choice_parameters,
+    leased_generation,
+    sse,
+    stream_error,
+    usage_of,
+)
 from proxy.errors import APIError
-from proxy.generation import generate_text
 from proxy.limits import NO_LIMITS, RequestLimits
 from proxy.manager import ModelManager
 from proxy.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
@@ -82,10 +89,9 @@ class CompletionService:
             for prompt in prompts:
                 for choice_params in choice_parameters(params, request.n or 1):
                     outcome = GenerationOutcome()
-                    generation = generate_text(lease.model, prompt, choice_params, outcome, lease.cancel_event())
+                    generation = leased_generation(self.manager, request.model, lease, prompt, choice_params, outcome)
                     async with aclosing(generation) as deltas:
                         text = "".join([delta async for delta in deltas])
-                    lease.tokens += outcome.completion_tokens
                     head = prompt.text if request.echo else ""
                     choices.append(
                         CompletionChoice(
@@ -142,21 +148,18 @@ class CompletionService:
                         if request.echo:
                             yield event([CompletionChoice(index=index, text=prompt.text, finish_reason=None)])
                             offset = len(prompt.text)
-                        try:
-                            generation = generate_text(
-                                lease.model, prompt, choice_params, outcome, lease.cancel_event()
-                            )
-                            async with aclosing(generation) as deltas:
-                                async for delta in deltas:
-                                    fresh, sent = outcome.logprobs[sent:], len(outcome.logprobs)
-                                    logprobs = legacy_logprobs(fresh, offset) if params.logprobs else None
-                                    offset += len(delta)
-                                    choice = CompletionChoice(
-                                        index=index, text=delta, finish_reason=None, logprobs=logprobs
-                                    )
-                                    yield event([choice])
-                        finally:
-                            lease.tokens += outcome.completion_tokens
+                        generation = leased_generation(
+                            self.manager, request.model, lease, prompt, choice_params, outcome
+                        )
+                        async with aclosing(generation) as deltas:
+                            async for delta in deltas:
+                                fresh, sent = outcome.logprobs[sent:], len(outcome.logprobs)
+                                logprobs = legacy_logprobs(fresh, offset) if params.logprobs else None
+                                offset += len(delta)
+                                choice = CompletionChoice(
+                                    index=index, text=delta, finish_reason=None, logprobs=logprobs
+                                )
+                                yield event([choice])
                         if error := lease.error():
                             raise error
                         rest = legacy_logprobs(outcome.logprobs[sent:], offset) if params.logprobs else None

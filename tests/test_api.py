@@ -547,6 +547,11 @@ def test_prometheus_metrics(api_server: RunningServer, openai_client: Any) -> No
     assert after[("clemproxy_queued_requests", (("model", SMOL),))] == 0
     ttft = ("clemproxy_time_to_first_token_seconds_count", (("model", SMOL),))
     assert after[ttft] == before.get(ttft, 0) + 1
+    legacy = openai_client.completions.create(model=SMOL, prompt="Once upon a time", max_tokens=3, temperature=0)
+    assert legacy.usage is not None
+    latest = samples()  # the legacy endpoint is counted the same way
+    assert latest[ttft] == after[ttft] + 1
+    assert latest[tokens] - after[tokens] == legacy.usage.completion_tokens
     assert after[("clemproxy_model_load_seconds_count", (("model", SMOL),))] >= 1
     failures = [k for k in after if k[0] == "clemproxy_model_load_failures_total"]
     assert failures  # the suite's entries with missing weights failed to load
