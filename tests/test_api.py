@@ -553,5 +553,7 @@ def test_prometheus_metrics(api_server: RunningServer, openai_client: Any) -> No
     assert latest[ttft] == after[ttft] + 1
     assert latest[tokens] - after[tokens] == legacy.usage.completion_tokens
     assert after[("clemproxy_model_load_seconds_count", (("model", SMOL),))] >= 1
-    failures = [k for k in after if k[0] == "clemproxy_model_load_failures_total"]
-    assert failures  # the suite's entries with missing weights failed to load
+    failure = ("clemproxy_model_load_failures_total", (("model", "not-downloaded"),))
+    body = {"model": "not-downloaded", "messages": [{"role": "user", "content": "Hi"}]}
+    assert httpx.post(f"{api_server.base_url}/v1/chat/completions", json=body, timeout=60).status_code == 500
+    assert samples()[failure] == latest.get(failure, 0) + 1  # weights that are not there: a failed load
