@@ -5,6 +5,10 @@ Knows nothing of HTTP; ``proxy`` builds on it, never the other way round.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from backends.catalog import BACKENDS
 from backends.errors import (
     BackendError,
     ContextLengthExceededError,
@@ -18,6 +22,7 @@ from backends.registry import ModelRegistry, RegistryEntry, RegistryFileError
 from backends.spec import ModelSpec
 
 __all__ = [
+    "BACKENDS",
     "BackendError",
     "ContextLengthExceededError",
     "GenerationOutcome",
@@ -33,21 +38,22 @@ __all__ = [
     "RegistryFileError",
     "UnknownModelError",
     "UnsupportedBackendError",
+    "backend_of",
     "create_model",
 ]
 
 
+def backend_of(spec: Mapping[str, Any]) -> type[Model]:
+    """The class that runs an entry's ``backend``."""
+    backend = spec.get("backend")
+    try:
+        return BACKENDS[str(backend)]
+    except KeyError:
+        raise UnsupportedBackendError(
+            f"The model '{spec.get('model_name')}' uses backend '{backend}', which this version of clemproxy cannot run"
+        ) from None
+
+
 def create_model(spec: ModelSpec, options: LoadOptions | None = None) -> Model:
     """An unloaded ``Model`` for a resolved spec, of the class its ``backend`` names."""
-    backend = spec["backend"]
-    if backend == "llamacpp":
-        from backends.llamacpp import LlamaCppModel
-
-        return LlamaCppModel(spec, options)
-    if backend == "huggingface_local":
-        from backends.huggingface_local import HuggingfaceLocalModel
-
-        return HuggingfaceLocalModel(spec, options)
-    raise UnsupportedBackendError(
-        f"The model '{spec['model_name']}' uses backend '{backend}', which this version of clemproxy cannot run yet"
-    )
+    return backend_of(spec)(spec, options)

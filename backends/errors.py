@@ -16,11 +16,13 @@ class BackendError(Exception):
     code: str | None = None
     param: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if param is not None:
             self.param = param
+        if code is not None:
+            self.code = code
 
 
 class UnknownModelError(BackendError):
@@ -48,6 +50,14 @@ class UnsupportedBackendError(BackendError):
     error_type = "invalid_request_error"
     code = "unsupported_backend"
     param = "model"
+
+
+class InvalidPlacementError(BackendError):
+    """A load asked for a placement key or value the backend does not take."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"
 
 
 class ModelLoadError(BackendError):

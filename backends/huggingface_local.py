@@ -168,6 +168,20 @@ class IncrementalDetokenizer:
 
 class HuggingfaceLocalModel(Model):
     backend_name = "huggingface_local"
+    mandatory_keys = ("huggingface_id", "premade_chat_template", "eos_to_cull")
+    default_concurrency = 2  # independent forward passes run side by side
+
+    @classmethod
+    def gpu_available(cls) -> bool:
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+    @classmethod
+    def gpu_names(cls) -> list[str]:
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cls.gpu_available() else []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

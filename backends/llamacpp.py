@@ -18,14 +18,17 @@ from backends.weights import find_weight_files
 logger = logging.getLogger(__name__)
 
 
-def gpu_offload_supported() -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
 class LlamaCppModel(Model):
     backend_name = "llamacpp"
+    mandatory_keys = ("huggingface_id", "filename", "premade_chat_template", "eos_to_cull")
+    default_concurrency = 1  # a llama.cpp context is not thread-safe
+
+    @classmethod
+    def gpu_available(cls) -> bool:
+        """A GPU build of llama.cpp (CUDA, Metal, Vulkan...)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -40,7 +43,7 @@ class LlamaCppModel(Model):
         from llama_cpp import Llama
 
         files = find_weight_files(self.spec)
-        gpu = gpu_offload_supported()
+        gpu = self.gpu_available()
         n_gpu_layers = requested_gpu_layers(self.spec, gpu)
         warnings = []
         if n_gpu_layers != 0 and not gpu:

@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 
 from backends.cleaning import OutputCleaner
 from backends.errors import ContextLengthExceededError
+from backends.placement import PLACEMENT_KEYS, check_placement
 from backends.prompting import ChatTemplate
-from backends.registry import parse_context_size
-from backends.spec import ModelSpec
+from backends.spec import ModelSpec, parse_context_size
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,39 @@ class GenerationOutcome:
 
 
 class Model(ABC):
-    """One registry entry's model: load it, then generate from it."""
+    """One registry entry's model: load it, then generate from it.
+
+    A backend's facts are class attributes, read without loading anything: the registry checks an entry's
+    ``mandatory_keys``, the model manager runs ``concurrency_of`` requests at once, the admin page asks
+    ``gpu_available``. ``backends.catalog`` maps each backend name to its class.
+    """
 
     backend_name: ClassVar[str]
+    mandatory_keys: ClassVar[tuple[str, ...]]  # registry keys every entry of this backend must have
+    default_concurrency: ClassVar[int] = 1  # generations at once, unless the entry sets ``concurrency``
+    placement_keys: ClassVar[Mapping[str, Callable[[Any], bool]]] = PLACEMENT_KEYS  # what a load may override
+
+    @classmethod
+    def concurrency_of(cls, spec: Mapping[str, Any]) -> int:
+        configured = spec.get("concurrency")
+        if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+            return configured
+        return cls.default_concurrency
+
+    @classmethod
+    def gpu_available(cls) -> bool:
+        """Whether this backend can put weights on a GPU on this machine (imports the backend's library)."""
+        return False
+
+    @classmethod
+    def gpu_names(cls) -> list[str]:
+        """The GPUs this backend sees, by name, where it can tell."""
+        return []
+
+    @classmethod
+    def check_placement(cls, override: Mapping[str, Any]) -> None:
+        """Refuse (``InvalidPlacementError``) a load override this backend cannot honour."""
+        check_placement(override, cls.placement_keys)
 
     def __init__(self, spec: ModelSpec, options: LoadOptions | None = None) -> None:
         self.spec = spec

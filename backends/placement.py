@@ -7,10 +7,30 @@ into its own terms (llama.cpp's ``n_gpu_layers``, a transformers device map).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from backends.errors import InvalidPlacementError
+
 ALL_LAYERS = -1  # llama.cpp's convention, used by every backend here
+
+# The registry's placement keys, which a load may also override, and what each accepts.
+PLACEMENT_KEYS: dict[str, Callable[[Any], bool]] = {
+    "execute_on": lambda v: v in ("gpu", "cpu"),
+    "gpu_layers_offloaded": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= ALL_LAYERS,
+}
+
+
+def check_placement(override: Mapping[str, Any], keys: Mapping[str, Callable[[Any], bool]] = PLACEMENT_KEYS) -> None:
+    """A load's placement override: only placement keys, each with a value it accepts."""
+    for key, value in override.items():
+        check = keys.get(key)
+        if check is None:
+            raise InvalidPlacementError(
+                f"'{key}' cannot be set for a load; only {', '.join(keys)} can", param=key, code="unsupported_parameter"
+            )
+        if not check(value):
+            raise InvalidPlacementError(f"Invalid value {value!r} for '{key}'", param=key)
 
 
 def requested_gpu_layers(spec: Mapping[str, Any], gpu_available: bool) -> int:

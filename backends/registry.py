@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import jinja2
 
+from backends.catalog import BACKENDS
 from backends.errors import InvalidModelEntryError, UnknownModelError, UnsupportedBackendError
 from backends.prompting import compile_template
 from backends.spec import ModelSpec
@@ -29,12 +30,8 @@ logger = logging.getLogger(__name__)
 
 REGISTRY_FILENAME = "model_registry.json"
 
-# Backends clemproxy runs, and the keys each one requires (clembench's registry documentation).
-MANDATORY_KEYS: dict[str, tuple[str, ...]] = {
-    "huggingface_local": ("huggingface_id", "premade_chat_template", "eos_to_cull"),
-    "llamacpp": ("huggingface_id", "filename", "premade_chat_template", "eos_to_cull"),
-}
-SERVED_BACKENDS = frozenset(MANDATORY_KEYS)
+# Backends clemproxy runs; each class names the keys its entries require (clembench's registry documentation).
+SERVED_BACKENDS = frozenset(BACKENDS)
 
 # Backends clembench knows that talk to remote APIs or people; clembench registries
 # are full of them. They are valid entries that this server does not serve.
@@ -111,15 +108,6 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
 }
-
-
-def parse_context_size(value: int | str) -> int:
-    """``8192``, ``"8k"`` or ``"1m"`` as a number of tokens (clembench's notation)."""
-    if isinstance(value, int):
-        return value
-    text = value.strip().lower()
-    factor = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
-    return int(text.rstrip("km")) * factor
 
 
 Severity = Literal["error", "warning"]
@@ -210,7 +198,7 @@ def validate_entry(flat: Mapping[str, Any]) -> list[Problem]:
     backend = flat.get("backend")
     if isinstance(backend, str):
         if backend in SERVED_BACKENDS:
-            for key in MANDATORY_KEYS[backend]:
+            for key in BACKENDS[backend].mandatory_keys:
                 if key not in flat:
                     problems.append(Problem("error", f"missing (mandatory for backend {backend})", key))
         elif backend not in CLEMBENCH_OTHER_BACKENDS:

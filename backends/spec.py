@@ -88,3 +88,12 @@ def _unify(left: dict[str, Any], right: dict[str, Any], path: str) -> dict[str, 
         elif mine != value:
             raise ValueError(f"specs disagree on {path}{key}: {mine!r} vs {value!r}")
     return merged
+
+
+def parse_context_size(value: int | str) -> int:
+    """``8192``, ``"8k"`` or ``"1m"`` as a number of tokens (clembench's notation)."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    factor = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
+    return int(text.rstrip("km")) * factor
