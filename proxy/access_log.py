@@ -10,10 +10,13 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.metrics import Metrics
 
 logger = logging.getLogger("clemproxy.access")
 
@@ -34,17 +37,23 @@ def route_of(scope: Scope) -> str:
     return str(scope.get("path_template") or "unmatched")
 
 
-def record_metrics(scope: Scope, status: int, seconds: float) -> None:
-    metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
-    if metrics is None:
-        return
+def record_metrics(metrics: Metrics, scope: Scope, status: int, seconds: float) -> None:
     route = route_of(scope)
     model = str(scope.get("state", {}).get("model", "-"))
     metrics.requests.labels(route, model, str(status or "-")).inc()
     metrics.latency.labels(route).observe(seconds)
 
 
-def access_log_middleware(app: ASGIApp) -> ASGIApp:
+def access_log_middleware(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
+    """Logs every request in one line and counts it in ``metrics``."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        return logged(app, metrics)
+
+    return wrap
+
+
+def logged(app: ASGIApp, metrics: Metrics) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
@@ -63,7 +72,7 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_with_id)
         finally:
-            record_metrics(scope, status["code"], time.monotonic() - started)
+            record_metrics(metrics, scope, status["code"], time.monotonic() - started)
             logger.info(
                 "method=%s path=%s status=%s duration_ms=%.0f request_id=%s",
                 scope.get("method", "-"),

@@ -20,6 +20,7 @@ from backends import ModelRegistry, RegistryEntry
 from backends.placement import requested_gpu_layers
 from proxy.errors import APIError
 from proxy.manager import ModelManager, ModelSlot
+from proxy.security import Access, requires
 from proxy.settings import total_memory_bytes
 
 PLACEMENT_KEYS = ("execute_on", "gpu_layers_offloaded")
@@ -70,6 +71,7 @@ def decode_override(body: bytes) -> dict[str, Any]:
 
 class AdminAPIController(Controller):
     path = "/admin/api"
+    opt = requires(Access.ADMIN)
 
     @get("/models")
     async def list_models(

@@ -3,53 +3,103 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from litestar import Litestar
-from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.plugins import InitPluginProtocol
 
 from backends import LoadOptions, ModelRegistry, create_model
 from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
+from proxy.chat import ChatCompletionService
+from proxy.completions import CompletionService
 from proxy.errors import EXCEPTION_HANDLERS
 from proxy.limits import RequestLimits
-from proxy.manager import ManagerSettings, ModelFactory, ModelManager
+from proxy.manager import ModelFactory, ModelManager
 from proxy.metrics import Metrics, MetricsController
-from proxy.routes import DEPENDENCIES, HealthController, OpenAIController
-from proxy.security import AccessControl, access_control_middleware
+from proxy.routes import HealthController, OpenAIController
+from proxy.security import AccessControl, SignInRequired, access_middleware, handle_sign_in_required
 from proxy.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-
-def manager_settings(settings: Settings) -> ManagerSettings:
-    return ManagerSettings(
-        autoload=settings.autoload,
-        max_queue=settings.max_queue,
-        idle_unload=settings.idle_unload,
-        max_loaded=settings.max_loaded,
-        max_memory=settings.max_memory,
-        unload_timeout=settings.unload_timeout,
-        request_timeout=settings.request_timeout,
-    )
-
-
-def access_control(settings: Settings) -> AccessControl:
-    return AccessControl(
-        api_keys=settings.api_keys,
-        admin_keys=settings.admin_keys,
-        bind_host=settings.host,
-        allowed_hosts=settings.allowed_hosts,
-        cors_origins=settings.cors_origins,
-    )
-
-
 PLUGIN_GROUP = "clemproxy.plugins"
+
+
+@dataclass(frozen=True)
+class Services:
+    """The long-lived objects of one server, built once; route handlers receive them as dependencies."""
+
+    settings: Settings
+    registry: ModelRegistry
+    manager: ModelManager
+    metrics: Metrics
+    access: AccessControl
+    limits: RequestLimits
+    chat_service: ChatCompletionService
+    completion_service: CompletionService
+    started_at: float
+
+    @classmethod
+    def build(
+        cls, settings: Settings, registry: ModelRegistry | None = None, model_factory: ModelFactory | None = None
+    ) -> Services:
+        """The registry is read here, so that a missing or unreadable file fails before serving. Key files must
+        have been read already (``AccessSettings.with_key_files_read``), as the CLI does."""
+        registry = registry if registry is not None else ModelRegistry.from_sources(settings.server.registry)
+        for entry in registry:
+            if entry.errors:
+                logger.warning(
+                    "registry entry %s (%s #%d) is invalid and will be refused: %s",
+                    entry.name,
+                    entry.source,
+                    entry.index,
+                    "; ".join(str(p) for p in entry.errors),
+                )
+        metrics = Metrics()
+        options = LoadOptions(context_size=settings.manager.context_size)
+        manager = ModelManager(registry, options, model_factory or create_model, settings.manager, metrics=metrics)
+        metrics.watch(manager)
+        limits = RequestLimits(settings.limits)
+        return cls(
+            settings=settings,
+            registry=registry,
+            manager=manager,
+            metrics=metrics,
+            access=AccessControl(
+                api_keys=settings.access.api_key,
+                admin_keys=settings.access.admin_key,
+                bind_host=settings.server.host,
+                allowed_hosts=settings.access.allowed_host,
+                cors_origins=settings.access.cors_origin,
+            ),
+            limits=limits,
+            chat_service=ChatCompletionService(manager, limits, metrics),
+            completion_service=CompletionService(manager, limits, metrics),
+            started_at=time.time(),
+        )
+
+    def dependencies(self) -> dict[str, Provide]:
+        """Each service under its field's name: a handler parameter ``manager: NamedDependency[ModelManager]``."""
+        return {
+            f.name: Provide(_constant(getattr(self, f.name)), use_cache=True, sync_to_thread=False)
+            for f in dataclasses.fields(self)
+        }
+
+
+def _constant(value: Any) -> Any:
+    def provide() -> Any:
+        return value
+
+    return provide
 
 
 def installed_plugins() -> list[InitPluginProtocol]:
@@ -71,29 +121,16 @@ def create_app(
     model_factory: ModelFactory | None = None,
     plugins: Sequence[InitPluginProtocol] | None = None,
 ) -> Litestar:
-    """Build the app. The registry is read here, so that a missing or unreadable file fails before serving."""
-    registry = registry if registry is not None else ModelRegistry.from_sources(settings.registries)
-    for entry in registry:
-        if entry.errors:
-            logger.warning(
-                "registry entry %s (%s #%d) is invalid and will be refused: %s",
-                entry.name,
-                entry.source,
-                entry.index,
-                "; ".join(str(p) for p in entry.errors),
-            )
+    """Build the app and the services it runs on (``app.state.services``)."""
+    services = Services.build(settings, registry, model_factory)
+    manager = services.manager
 
     @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        options = LoadOptions(context_size=settings.context_size)
-        manager = ModelManager(
-            registry, options, model_factory or create_model, manager_settings(settings), metrics=app.state.metrics
-        )
-        app.state.manager = manager
-        for name in settings.preload:
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        for name in settings.manager.preload:
             logger.info("preloading %s", name)
             await manager.load(name)  # a model that cannot load stops the start-up, with its error
-        idle_unloader = asyncio.create_task(manager.run_idle_unloader()) if settings.idle_unload else None
+        idle_unloader = asyncio.create_task(manager.run_idle_unloader()) if settings.manager.idle_unload else None
         try:
             yield
         finally:
@@ -103,23 +140,15 @@ def create_app(
 
     app = Litestar(
         route_handlers=[OpenAIController, HealthController, AdminAPIController, MetricsController],
-        dependencies=DEPENDENCIES,
-        exception_handlers=EXCEPTION_HANDLERS,
+        dependencies=services.dependencies(),
+        guards=[services.access.guard],  # every route: closed unless its handler declares an Access level
+        exception_handlers={**EXCEPTION_HANDLERS, SignInRequired: handle_sign_in_required},
         lifespan=[lifespan],
-        state=State(
-            {
-                "settings": settings,
-                "registry": registry,
-                "started_at": time.time(),
-                "access": access_control(settings),
-                "limits": RequestLimits.from_settings(settings),
-            }
-        ),
         openapi_config=None,
         logging_config=None,  # the CLI configures logging (one redacting handler); Litestar would replace it
-        middleware=[access_log_middleware, access_control_middleware],
-        request_max_body_size=settings.max_body_size,
+        middleware=[access_log_middleware(services.metrics), access_middleware(services.access, OpenAIController.path)],
+        request_max_body_size=settings.limits.max_body_size,
         plugins=list(installed_plugins() if plugins is None else plugins),
     )
-    app.state.metrics = Metrics(app.state)
+    app.state.services = services  # for the process around the app (the CLI's shutdown, tests), not for handlers
     return app

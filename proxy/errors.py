@@ -16,6 +16,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from backends.errors import BackendError
+from proxy.manager.errors import ManagerError
 from proxy.protocol import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,15 @@ class APIError(Exception):
         self.headers = headers or {}
 
     @classmethod
-    def from_backend(cls, exc: BackendError) -> APIError:
-        return cls(exc.status, exc.message, error_type=exc.error_type, param=exc.param, code=exc.code)
+    def of(cls, exc: BackendError | ManagerError) -> APIError:
+        """The answer to an error of the model layer or the model manager, which carry their status and code."""
+        headers = {}
+        if isinstance(exc, ManagerError):
+            if exc.retry_after is not None:
+                headers["Retry-After"] = str(exc.retry_after)
+            if not exc.retryable:  # the OpenAI SDKs would send the same request again, to fail again
+                headers["x-should-retry"] = "false"
+        return cls(exc.status, exc.message, error_type=exc.error_type, param=exc.param, code=exc.code, headers=headers)
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(ErrorDetail(message=self.message, type=self.error_type, param=self.param, code=self.code))
@@ -96,10 +104,10 @@ def handle_api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[Any]:
     return error_response(exc)
 
 
-def handle_backend_error(_: Request[Any, Any, Any], exc: BackendError) -> Response[Any]:
-    if exc.status >= 500:
+def handle_status_error(_: Request[Any, Any, Any], exc: BackendError | ManagerError) -> Response[Any]:
+    if exc.status >= 500 and exc.status != 503:
         logger.error("%s: %s", type(exc).__name__, exc.message)
-    return error_response(APIError.from_backend(exc))
+    return error_response(APIError.of(exc))
 
 
 def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -126,7 +134,8 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
 
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     APIError: handle_api_error,
-    BackendError: handle_backend_error,
+    BackendError: handle_status_error,
+    ManagerError: handle_status_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }

@@ -6,17 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.errors import APIError
-from proxy.settings import Settings
+from proxy.settings import LimitSettings
 
 
 @dataclass(frozen=True)
 class RequestLimits:
-    max_messages: int = 2048  # 0: no bound
-    max_tokens: int = 0  # 0: the context window is the only bound
+    settings: LimitSettings
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RequestLimits:
-        return cls(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit)
+    @property
+    def max_messages(self) -> int:
+        return self.settings.max_messages  # 0: no bound
+
+    @property
+    def max_tokens(self) -> int:
+        return self.settings.max_tokens_limit  # 0: the context window is the only bound
 
     def check_messages(self, count: int) -> None:
         if self.max_messages and count > self.max_messages:
@@ -44,4 +47,4 @@ class RequestLimits:
         return requested
 
 
-NO_LIMITS = RequestLimits(max_messages=0, max_tokens=0)
+NO_LIMITS = RequestLimits(LimitSettings(max_messages=0, max_tokens_limit=0))

@@ -7,12 +7,15 @@ loaded models are read from the model manager when Prometheus scrapes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
-from litestar import Controller, Request, Response, get
+from litestar import Controller, Response, get
+from litestar.di import NamedDependency
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from proxy.manager import ModelManager
+from proxy.security import Access, requires
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -20,25 +23,27 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 class ManagerCollector(Collector):
     """Queue depth, requests in flight and loaded models, read from the manager at scrape time."""
 
-    def __init__(self, app_state: Any) -> None:
-        self.app_state = app_state
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        manager = getattr(self.app_state, "manager", None)
         queued = GaugeMetricFamily("clemproxy_queued_requests", "Requests waiting for a model", labels=["model"])
         running = GaugeMetricFamily("clemproxy_running_requests", "Requests generating", labels=["model"])
         loaded = GaugeMetricFamily("clemproxy_model_loaded", "1 when the model is loaded", labels=["model"])
         memory = GaugeMetricFamily("clemproxy_model_bytes", "Weights in memory of a loaded model", labels=["model"])
-        for name, slot in manager.slots() if manager is not None else []:
-            queued.add_metric([name], len(slot.queue))
-            running.add_metric([name], len(slot.running))
-            loaded.add_metric([name], 1 if slot.state == "loaded" else 0)
-            memory.add_metric([name], slot.model_bytes if slot.state == "loaded" else 0)
+        for name, slot in self.manager.slots():
+            queued.add_metric([name], slot.queue.queued)
+            running.add_metric([name], len(slot.queue.running))
+            loaded.add_metric([name], 1 if slot.is_loaded else 0)
+            memory.add_metric([name], slot.model_bytes if slot.is_loaded else 0)
         yield from (queued, running, loaded, memory)
 
 
 class Metrics:
-    def __init__(self, app_state: Any) -> None:
+    """The server's Prometheus metrics; the manager's gauges join once it exists (``watch``), since the manager
+    counts into these metrics too."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "clemproxy_requests", "HTTP requests", ["route", "model", "status"], registry=self.registry
@@ -64,16 +69,18 @@ class Metrics:
         self.load_failures = Counter(
             "clemproxy_model_load_failures", "Failed model loads", ["model"], registry=self.registry
         )
-        self.registry.register(ManagerCollector(app_state))
+
+    def watch(self, manager: ModelManager) -> None:
+        self.registry.register(ManagerCollector(manager))
 
 
 class MetricsController(Controller):
     path = "/metrics"
     include_in_schema = False
+    opt = requires(Access.ADMIN)
 
     @get("/")
-    async def metrics(self, request: Request[Any, Any, Any]) -> Response[bytes]:
-        metrics: Metrics = request.app.state.metrics
+    async def metrics(self, metrics: NamedDependency[Metrics]) -> Response[bytes]:
         return Response(
             content=generate_latest(metrics.registry), media_type="text/plain; version=0.0.4; charset=utf-8"
         )

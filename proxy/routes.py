@@ -1,4 +1,4 @@
-"""HTTP routes: thin handlers over ``ChatCompletionService`` and the registry."""
+"""HTTP routes: thin handlers over the completion services and the registry, which they get as dependencies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.di import NamedDependency, Provide
+from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Stream
 
@@ -26,43 +26,13 @@ from proxy.protocol import (
     ModelCard,
     ModelList,
 )
+from proxy.security import Access, requires
 
 T = TypeVar("T")
-
-
-def provide_manager(request: Request[Any, Any, Any]) -> ModelManager:
-    manager: ModelManager = request.app.state.manager
-    return manager
-
-
-def provide_registry(request: Request[Any, Any, Any]) -> ModelRegistry:
-    registry: ModelRegistry = request.app.state.registry
-    return registry
-
-
-def provide_chat_service(
-    request: Request[Any, Any, Any], manager: NamedDependency[ModelManager]
-) -> ChatCompletionService:
-    return ChatCompletionService(manager, request.app.state.limits)
-
-
-def provide_completion_service(
-    request: Request[Any, Any, Any], manager: NamedDependency[ModelManager]
-) -> CompletionService:
-    return CompletionService(manager, request.app.state.limits)
-
-
-DEPENDENCIES = {
-    "manager": Provide(provide_manager, sync_to_thread=False),
-    "registry": Provide(provide_registry, sync_to_thread=False),
-    "chat_service": Provide(provide_chat_service, sync_to_thread=False),
-    "completion_service": Provide(provide_completion_service, sync_to_thread=False),
-}
-
+R = TypeVar("R")
 
 # The content-type header is set directly: Litestar prefers the handler's JSON media type over the Stream's.
 SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
-R = TypeVar("R")
 
 
 def decode_body(body: bytes, kind: type[R]) -> R:
@@ -102,6 +72,7 @@ def model_card(name: str, created: int) -> ModelCard:
 
 class OpenAIController(Controller):
     path = "/v1"
+    opt = requires(Access.API)
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
@@ -110,8 +81,7 @@ class OpenAIController(Controller):
         completion_request = decode_body(await request.body(), ChatCompletionRequest)
         request.state.model = completion_request.model  # for the metrics
         if completion_request.stream:
-            events = await chat_service.stream(completion_request)
-            return Stream(events, headers=SSE_HEADERS)
+            return Stream(await chat_service.stream(completion_request), headers=SSE_HEADERS)
         return await cancel_on_disconnect(request, chat_service.complete(completion_request))
 
     @post("/completions", status_code=200)
@@ -121,18 +91,18 @@ class OpenAIController(Controller):
         completion_request = decode_body(await request.body(), CompletionRequest)
         request.state.model = completion_request.model
         if completion_request.stream:
-            events = await completion_service.stream(completion_request)
-            return Stream(events, headers=SSE_HEADERS)
+            return Stream(await completion_service.stream(completion_request), headers=SSE_HEADERS)
         return await cancel_on_disconnect(request, completion_service.complete(completion_request))
 
     @get("/models")
-    async def list_models(self, request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry]) -> ModelList:
-        created = int(request.app.state.started_at)
-        return ModelList(data=[model_card(entry.name, created) for entry in registry.served()])
+    async def list_models(
+        self, registry: NamedDependency[ModelRegistry], started_at: NamedDependency[float]
+    ) -> ModelList:
+        return ModelList(data=[model_card(entry.name, int(started_at)) for entry in registry.served()])
 
     @get("/models/{model_id:path}")
     async def retrieve_model(
-        self, request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry], model_id: FromPath[str]
+        self, registry: NamedDependency[ModelRegistry], started_at: NamedDependency[float], model_id: FromPath[str]
     ) -> ModelCard:
         name = model_id.lstrip("/")
         if not any(entry.name == name for entry in registry.served()):
@@ -144,11 +114,12 @@ class OpenAIController(Controller):
                 param="model",
                 code="model_not_found",
             )
-        return model_card(name, int(request.app.state.started_at))
+        return model_card(name, int(started_at))
 
 
 class HealthController(Controller):
     path = "/health"
+    opt = requires(Access.OPEN, any_host=True)  # container probes reach it by address, and it tells little
 
     @get("/")
     async def health(

@@ -1,20 +1,30 @@
 """Who may do what: API and admin keys, the admin session, and the browser checks (Host, Origin, CORS, CSRF).
 
-One middleware decides, before any handler runs:
+Every route is closed unless it says otherwise. A route handler (or its controller) declares its ``Access``
+level in ``opt={"access": ...}``; one app-wide guard, ``AccessControl.guard``, enforces it, and a handler that
+declares nothing needs the admin key. The levels:
 
-- the ``Host`` header must name this server (loopback names, the bind address, ``--allowed-host``): a page
-  on another site that re-points its DNS name at 127.0.0.1 (DNS rebinding) gets a 400 (``/health``, which
-  probes reach by address, answers any name);
-- a browser may not make a state-changing request from another origin (its ``Origin`` header), except to
-  ``/v1`` from an origin given with ``--cors-origin``; CORS answers exist for ``/v1`` only;
-- ``/v1`` needs an API key (``Authorization: Bearer``) once any is configured; ``/admin/api`` and
-  ``/metrics`` need the admin key (bearer, or the page's session cookie for reading); the admin page needs
-  the session its login form starts. Without an admin key the API keys guard the admin side too; without
-  any key everything is open, and the CLI then listens on loopback only.
+- ``open``: anyone (``/health``, static files, the sign-in form);
+- ``api``: an API key once any is configured (``/v1``), the admin key works too;
+- ``admin``: the admin key as a bearer token, or the admin page's session for reading (``/admin/api``,
+  ``/metrics``);
+- ``admin_page``: the admin key, or the session its sign-in starts; a browser without one is sent to sign in;
+- ``sign_in``: anyone, but a form POST needs the page's CSRF token.
 
-CSRF tokens for the admin page's forms are checked by the admin controller (``require_csrf_token``), which
-reads the form; they are made and verified here. Keys are compared in constant time, by their digests,
-and never logged or echoed.
+Without an admin key the API keys guard the admin side too; without any key everything is open, and the
+CLI then listens on loopback only. A state-changing request authenticated by a session (or by nobody, on an
+open server) also needs the CSRF token the page puts in its forms: a page on another site can send a form
+to 127.0.0.1, but it cannot read the token.
+
+``access_middleware`` runs before the guard, for what does not depend on who asks: the ``Host`` header must
+name this server (a page whose DNS name is re-pointed at 127.0.0.1 gets a 400; handlers with
+``opt={"any_host": True}``, like ``/health`` for container probes, answer any name), a browser may not make a
+state-changing request from another origin, and CORS answers exist for ``/v1`` and the origins given with
+``--cors-origin`` only. Litestar's own ``AllowedHostsConfig``, ``CORSConfig`` and ``CSRFConfig`` answer in
+other shapes (a plain-text or ``{"message"}`` 400, a 403 without our code or htmx's refresh header) and
+cannot scope CORS to one path or spare bearer-authenticated calls the CSRF token, so they are not used.
+
+Keys are compared in constant time, by their digests, and never logged or echoed.
 """
 
 from __future__ import annotations
@@ -26,13 +36,14 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from enum import StrEnum
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from litestar import Request, Response
 from litestar.connection import ASGIConnection
 from litestar.enums import ScopeType
+from litestar.handlers import BaseRouteHandler
 from litestar.response import Redirect
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,21 +68,31 @@ CORS_EXPOSED = "x-request-id, retry-after"
 CORS_MAX_AGE = "600"
 
 
-class KeyFileError(Exception):
-    """A key file that cannot be used; the message names the file, never a key."""
+class Access(StrEnum):
+    """The access level a route handler declares in ``opt["access"]``; see the module's docstring."""
+
+    OPEN = "open"
+    API = "api"
+    ADMIN = "admin"
+    ADMIN_PAGE = "admin_page"
+    SIGN_IN = "sign_in"
 
 
-def read_key_file(path: Path) -> list[str]:
-    """One key per line; blank lines and ``#`` comments are skipped. An unreadable or empty file is an error:
-    a server meant to be guarded must not start open."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"cannot read key file {path}: {type(exc).__name__}") from None
-    found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not found:
-        raise KeyFileError(f"key file {path} has no key in it")
-    return found
+def requires(level: Access, **more: Any) -> dict[str, Any]:
+    """The ``opt`` of a handler or controller at this level: ``opt=requires(Access.API)``."""
+    return {"access": level, **more}
+
+
+class SignInRequired(Exception):
+    """A browser asked for an admin page without a session: it is sent to the sign-in form."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+def handle_sign_in_required(_: Request[Any, Any, Any], exc: SignInRequired) -> Response[Any]:
+    return Redirect(path=exc.location, status_code=303)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -129,21 +150,27 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def area_of(path: str) -> str:
-    """Which rule guards a path: ``api``, ``admin_api`` (JSON and metrics), ``admin_page``, or ``open``."""
-    if path == "/v1" or path.startswith("/v1/"):
-        return "api"
-    if path.startswith("/admin/static/") or path.rstrip("/") == LOGIN_PATH:
-        return "open"
-    if path.startswith("/admin/api/") or path.rstrip("/") in ("/admin/api", "/metrics"):
-        return "admin_api"
-    if path.rstrip("/") == "/admin" or path.startswith("/admin/"):
-        return "admin_page"
-    return "open"  # /health, and paths that route nowhere (404)
+def auth_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """How the guard let a request in: ``open``, ``bearer`` or ``session``."""
+    return str(connection.scope.get("state", {}).get("auth", "open"))
+
+
+def unauthorized(token: str | None, needed: str) -> APIError:
+    """A 401 in OpenAI's envelope; it never repeats the key it was given."""
+    if token is None:
+        message, code = f"This request needs {needed}: send it as 'Authorization: Bearer <key>'", "missing_api_key"
+    else:
+        message, code = f"The key given is not {needed}", "invalid_api_key"
+    return APIError(401, message, code=code, headers={"WWW-Authenticate": 'Bearer realm="clemproxy"'})
+
+
+def login_location(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    target = connection.url.path + (f"?{connection.url.query}" if connection.url.query else "")
+    return f"{LOGIN_PATH}?next={quote(target, safe='')}"
 
 
 class AccessControl:
-    """The keys, sessions and browser rules of one server; lives on ``app.state.access``."""
+    """The keys, sessions and browser rules of one server."""
 
     def __init__(
         self,
@@ -230,6 +257,95 @@ class AccessControl:
             lines.append(f"CORS for /v1 from: {', '.join(self.cors_origins)}")
         return lines
 
+    # --- the guard -----------------------------------------------------------------------------------
+
+    async def guard(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        """Every route's guard: the handler's declared ``Access`` level, the admin key when it declares none.
+        Records how the request authenticated in ``scope["state"]["auth"]``."""
+        method = str(connection.scope.get("method", "GET"))
+        if method == "OPTIONS":
+            return  # Litestar's own answer (the Allow header) or the CORS preflight: no data, no credentials
+        level = Access(handler.opt.get("access", Access.ADMIN))
+        state = connection.scope.setdefault("state", {})
+        token = bearer_token(connection)
+        if level in (Access.OPEN, Access.SIGN_IN):
+            state["auth"] = "open"
+        elif level == Access.API:
+            state["auth"] = "open" if self.api_open else "bearer"
+            if not self.api_key_ok(token):
+                raise unauthorized(token, "an API key")
+        elif self.admin_open:
+            state["auth"] = "open"
+        elif token is not None and self.admin_key_ok(token):
+            state["auth"] = "bearer"
+        elif self.session_ok(connection.cookies.get(SESSION_COOKIE)) and (
+            level == Access.ADMIN_PAGE or method in SAFE_METHODS
+        ):
+            state["auth"] = "session"
+        elif level == Access.ADMIN_PAGE and token is None:
+            if connection.headers.get("hx-request"):  # htmx follows HX-Redirect, also on a 401
+                error = unauthorized(None, f"the {self.admin_key_kind}")
+                error.headers["HX-Redirect"] = LOGIN_PATH
+                raise error
+            raise SignInRequired(login_location(connection))
+        else:
+            raise unauthorized(token, f"the {self.admin_key_kind}")
+        if level in (Access.ADMIN_PAGE, Access.SIGN_IN) and method not in SAFE_METHODS and state["auth"] != "bearer":
+            await self._require_csrf_token(connection)
+
+    async def _require_csrf_token(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        """The page's CSRF token, in the form field or the header htmx sends. A bearer key needs none: a browser
+        never adds one on its own."""
+        token = connection.headers.get(CSRF_HEADER)
+        if token is None:
+            form = await Request[Any, Any, Any](connection.scope, connection.receive).form()  # kept for the handler
+            field = form.get(CSRF_FIELD)
+            token = field if isinstance(field, str) else None
+        if not self.csrf_ok(connection.cookies.get(CSRF_COOKIE), token):
+            raise APIError(
+                403,
+                "The form's CSRF token is missing or out of date; reload the admin page and try again",
+                code="csrf_token_invalid",
+                headers={"HX-Refresh": "true"},  # htmx reloads the page, which brings a fresh token
+            )
+
+    # --- before the guard ----------------------------------------------------------------------------
+
+    def browser_check(
+        self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler | None, cors_prefix: str
+    ) -> tuple[APIError | None, str | None]:
+        """``(refusal, cors_origin)``: an error to answer with before any guard or handler runs, or ``None``;
+        and the origin to grant CORS to."""
+        host = connection.headers.get("host")
+        any_host = handler is not None and handler.opt.get("any_host", False)
+        if not any_host and not self.host_ok(host):
+            return (
+                APIError(
+                    400,
+                    f"This server does not answer to the host name '{host_name(host or '')}'; start it with "
+                    "--allowed-host to add that name",
+                    code="invalid_host",
+                ),
+                None,
+            )
+        path, method = connection.url.path, str(connection.scope.get("method", "GET"))
+        in_api = path == cors_prefix or path.startswith(cors_prefix + "/")
+        origin = connection.headers.get("origin")
+        cross_origin = origin is not None and not same_origin(origin, host)
+        cors_origin = origin if origin is not None and in_api and self.cors_allows(origin) else None
+        preflight = method == "OPTIONS" and origin is not None and "access-control-request-method" in connection.headers
+        if cross_origin and cors_origin is None and (preflight or method not in SAFE_METHODS):
+            return (
+                APIError(
+                    403,
+                    f"Cross-origin requests from {origin} are not allowed"
+                    + (" (--cors-origin allows an origin for /v1)" if in_api else ""),
+                    code="cross_origin_request",
+                ),
+                None,
+            )
+        return None, cors_origin
+
 
 def same_origin(origin: str, host: str | None) -> bool:
     return host is not None and urlsplit(origin).netloc.lower() == host.strip().lower()
@@ -239,117 +355,37 @@ def cors_headers(origin: str) -> dict[str, str]:
     return {"access-control-allow-origin": origin, "access-control-expose-headers": CORS_EXPOSED, "vary": "Origin"}
 
 
-def login_location(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
-    target = connection.url.path + (f"?{connection.url.query}" if connection.url.query else "")
-    return f"{LOGIN_PATH}?next={quote(target, safe='')}"
+def access_middleware(access: AccessControl, cors_prefix: str = "/v1") -> Any:
+    """The ASGI middleware for ``access``'s browser rules: Host, Origin, and CORS for ``cors_prefix``."""
 
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def checked(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != ScopeType.HTTP:
+                await app(scope, receive, send)
+                return
+            request: Request[Any, Any, Any] = Request(scope, receive)
+            refusal, cors_origin = access.browser_check(request, scope.get("route_handler"), cors_prefix)
+            cors = cors_headers(cors_origin) if cors_origin is not None else {}
+            answer: Response[Any] | None = None
+            if refusal is not None:  # with CORS headers, readable by an allowed origin's page
+                answer = error_response(refusal)
+            elif cors_origin is not None and request.method == "OPTIONS":  # an allowed preflight
+                cors |= {"access-control-allow-methods": CORS_METHODS, "access-control-max-age": CORS_MAX_AGE}
+                if requested := request.headers.get("access-control-request-headers"):
+                    cors["access-control-allow-headers"] = requested
+                answer = Response(content=None, status_code=204)
+            if answer is not None:
+                await answer.to_asgi_response(None, request, headers=cors)(scope, receive, send)
+                return
 
-def access_control_middleware(app: ASGIApp) -> ASGIApp:
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
-            await app(scope, receive, send)
-            return
-        access: AccessControl = scope["app"].state.access
-        request: Request[Any, Any, Any] = Request(scope, receive)
-        refusal, cors_origin = check(access, request)
-        cors = cors_headers(cors_origin) if cors_origin is not None else {}
-        answer: Response[Any] | None = None
-        if isinstance(refusal, APIError):  # with CORS headers, readable by an allowed origin's page (a 401, say)
-            answer = error_response(refusal)
-        elif isinstance(refusal, str):  # where a page without a session goes: the login form
-            answer = Redirect(path=refusal, status_code=303)
-        elif cors_origin is not None and request.method == "OPTIONS":  # an allowed preflight
-            cors |= {"access-control-allow-methods": CORS_METHODS, "access-control-max-age": CORS_MAX_AGE}
-            if requested := request.headers.get("access-control-request-headers"):
-                cors["access-control-allow-headers"] = requested
-            answer = Response(content=None, status_code=204)
-        if answer is not None:
-            await answer.to_asgi_response(None, request, headers=cors)(scope, receive, send)
-            return
+            async def send_with_cors(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    extra = [(name.encode(), value.encode("latin-1")) for name, value in cors.items()]
+                    message["headers"] = [*message.get("headers", []), *extra]
+                await send(message)
 
-        async def send_with_cors(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                extra = [(name.encode(), value.encode("latin-1")) for name, value in cors.items()]
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
+            await app(scope, receive, send_with_cors if cors else send)
 
-        await app(scope, receive, send_with_cors if cors else send)
+        return checked
 
     return middleware
-
-
-def auth_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
-    """How ``check`` let a request in: ``open``, ``bearer`` or ``session``."""
-    return str(connection.scope.get("state", {}).get("auth", "open"))
-
-
-def check(
-    access: AccessControl, connection: ASGIConnection[Any, Any, Any, Any]
-) -> tuple[APIError | str | None, str | None]:
-    """``(refusal, cors_origin)``: an error to answer with, a login page to redirect to, or ``None`` to go on;
-    and the origin to grant CORS to. Records how the request authenticated in ``scope["state"]["auth"]``."""
-    host = connection.headers.get("host")
-    path, method = connection.url.path, str(connection.scope.get("method", "GET"))
-    # /health answers any Host: container and orchestrator probes use an address, and it tells little.
-    if not access.host_ok(host) and path.rstrip("/") != "/health":
-        return (
-            APIError(
-                400,
-                f"This server does not answer to the host name '{host_name(host or '')}'; start it with "
-                "--allowed-host to add that name",
-                code="invalid_host",
-            ),
-            None,
-        )
-    area = area_of(path)
-    origin = connection.headers.get("origin")
-    cross_origin = origin is not None and not same_origin(origin, host)
-    cors_origin = origin if origin is not None and area == "api" and access.cors_allows(origin) else None
-    preflight = method == "OPTIONS" and origin is not None and "access-control-request-method" in connection.headers
-    if cross_origin and cors_origin is None and (preflight or method not in SAFE_METHODS):
-        return (
-            APIError(
-                403,
-                f"Cross-origin requests from {origin} are not allowed"
-                + (" (--cors-origin allows an origin for /v1)" if area == "api" else ""),
-                code="cross_origin_request",
-            ),
-            None,
-        )
-    if preflight:
-        return None, cors_origin  # a preflight carries no credentials
-    state = connection.scope.setdefault("state", {})
-    token = bearer_token(connection)
-    if area == "api":
-        state["auth"] = "open" if access.api_open else "bearer"
-        if not access.api_key_ok(token):
-            return unauthorized(token, "an API key"), cors_origin
-    elif area in ("admin_api", "admin_page"):
-        if access.admin_open:
-            state["auth"] = "open"
-        elif token is not None and access.admin_key_ok(token):
-            state["auth"] = "bearer"
-        elif access.session_ok(connection.cookies.get(SESSION_COOKIE)) and (
-            area == "admin_page" or method in SAFE_METHODS
-        ):
-            state["auth"] = "session"  # unsafe admin_page requests also need a CSRF token (the controller)
-        elif area == "admin_page" and token is None:
-            if connection.headers.get("hx-request"):  # htmx follows HX-Redirect, also on a 401
-                error = unauthorized(None, f"the {access.admin_key_kind}")
-                error.headers["HX-Redirect"] = LOGIN_PATH
-                return error, None
-            return login_location(connection), None
-        else:
-            return unauthorized(token, f"the {access.admin_key_kind}"), None
-    else:
-        state["auth"] = "open"
-    return None, cors_origin
-
-
-def unauthorized(token: str | None, needed: str) -> APIError:
-    """A 401 in OpenAI's envelope; it never repeats the key it was given."""
-    if token is None:
-        message, code = f"This request needs {needed}: send it as 'Authorization: Bearer <key>'", "missing_api_key"
-    else:
-        message, code = f"The key given is not {needed}", "invalid_api_key"
-    return APIError(401, message, code=code, headers={"WWW-Authenticate": 'Bearer realm="clemproxy"'})

@@ -1,12 +1,20 @@
-"""Server settings: one frozen object, filled from CLI flags and ``CLEMPROXY_*`` environment variables."""
+"""Server settings: one frozen object in four groups, declared once.
+
+Each field carries its default and its help; ``proxy.cli`` derives a flag (``--max-queue``) and an environment
+variable (``CLEMPROXY_MAX_QUEUE``) from every field, so a default lives here and nowhere else. Nothing is read
+at import time.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
 
 
@@ -28,29 +36,166 @@ def parse_memory(text: str) -> int:
     return int(float(match[1]) * _UNITS[match[2] or ""])
 
 
+class KeyFileError(Exception):
+    """A key file that cannot be used; the message names the file, never a key."""
+
+
+def read_key_file(path: Path) -> list[str]:
+    """One key per line; blank lines and ``#`` comments are skipped. An unreadable or empty file is an error:
+    a server meant to be guarded must not start open."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read key file {path}: {type(exc).__name__}") from None
+    found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not found:
+        raise KeyFileError(f"key file {path} has no key in it")
+    return found
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    memory: bool = False,
+    secret: bool = False,
+) -> Any:
+    """A settings field with what the CLI needs to offer it: help, and how to read a value.
+
+    ``memory``: the value is a size like ``8G`` or ``50%`` (``parse_memory``). ``secret``: never in a repr.
+    A tuple-typed field is a repeatable flag whose environment variable lists values, comma-separated.
+    """
+    metadata = {"help": help, "metavar": metavar, "choices": choices, "memory": memory}
+    return field(default=default, repr=not secret, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the server listens and what it serves."""
+
+    registry: tuple[Path, ...] = setting(
+        (),
+        "registry file, repeatable, searched in order; default ./model_registry.json, then the bundled one",
+        metavar="PATH",
+    )
+    host: str = setting("127.0.0.1", "bind address")
+    port: int = setting(8000, "port")
+    log_level: str = setting("info", "log level", choices=LOG_LEVELS)
+    shutdown_timeout: float = setting(
+        30.0, "on SIGTERM/SIGINT, how long running requests may finish before they are ended", metavar="SECONDS"
+    )
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    """Which models sit in memory, and how requests queue for them."""
+
+    context_size: int = setting(4096, "context window for entries without context_size")
+    autoload: bool = setting(True, "load a model on its first request; otherwise an unloaded model answers 503")
+    preload: tuple[str, ...] = setting((), "load this model at startup, repeatable", metavar="NAME")
+    max_queue: int = setting(16, "requests that may wait per model beyond the running ones; more get 503")
+    idle_unload: float = setting(
+        0.0, "unload a model that has served nothing for this long; 0: never", metavar="SECONDS"
+    )
+    max_loaded: int = setting(
+        0, "models loaded at once; a load beyond it unloads the least recently used idle one; 0: no bound"
+    )
+    max_memory: int = setting(
+        0, "memory for loaded model weights, like 8G, 512MiB or 50% of RAM; 0: no bound", metavar="SIZE", memory=True
+    )
+    unload_timeout: float = setting(
+        30.0, "how long an unload waits for running requests before ending them", metavar="SECONDS"
+    )
+    request_timeout: float = setting(
+        600.0,
+        "how long a request may wait for its model and generate before it is ended with a 504; 0: no limit",
+        metavar="SECONDS",
+    )
+    retry_after: int = setting(2, "seconds a 503 asks the client to wait before it retries (Retry-After)")
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """Who may use and manage the server. Keys never show in a repr, a log line or a page."""
+
+    api_key: tuple[str, ...] = setting(
+        (), "a key that opens /v1 (Authorization: Bearer KEY), repeatable", metavar="KEY", secret=True
+    )
+    api_key_file: tuple[Path, ...] = setting((), "a file of API keys, repeatable", metavar="PATH")
+    admin_key: tuple[str, ...] = setting(
+        (), "a key for the admin page, /admin/api and /metrics; also opens /v1; repeatable", metavar="KEY", secret=True
+    )
+    admin_key_file: tuple[Path, ...] = setting((), "a file of admin keys, repeatable", metavar="PATH")
+    insecure_no_auth: bool = setting(False, "listen on a non-loopback address without any key")
+    allowed_host: tuple[str, ...] = setting(
+        (),
+        "a Host name this server answers to besides localhost, 127.0.0.1, ::1 and the bind address; "
+        "*.example.org for subdomains, * for any; repeatable",
+        metavar="NAME",
+    )
+    cors_origin: tuple[str, ...] = setting(
+        (),
+        "a browser origin allowed to call /v1, like https://app.example.org; * for any; repeatable",
+        metavar="ORIGIN",
+    )
+
+    def with_key_files_read(self) -> AccessSettings:
+        """The keys of the key files added to the given ones (empty keys dropped), the files no longer needed.
+        Raises ``KeyFileError`` for a file that is missing or holds no key: a guarded server must not start open."""
+
+        def keys(given: tuple[str, ...], files: tuple[Path, ...]) -> tuple[str, ...]:
+            found = [*given, *(key for path in files for key in read_key_file(Path(path)))]
+            return tuple(dict.fromkeys(key.strip() for key in found if key.strip()))
+
+        return dataclasses.replace(
+            self,
+            api_key=keys(self.api_key, self.api_key_file),
+            admin_key=keys(self.admin_key, self.admin_key_file),
+            api_key_file=(),
+            admin_key_file=(),
+        )
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Bounds on one request, each answered with a clear 4xx."""
+
+    max_body_size: int = setting(
+        8 * 1024 * 1024, "largest request body accepted (like 8MiB); larger get 413", metavar="SIZE", memory=True
+    )
+    max_messages: int = setting(2048, "most messages in one chat request; more get 400; 0: no bound")
+    max_tokens_limit: int = setting(
+        0,
+        "largest max_tokens a request may ask for (larger get 400), and the default for requests without one; "
+        "0: the context window is the bound",
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
-    registries: tuple[Path, ...] = ()  # empty: ./model_registry.json if present, then the bundled registry
-    host: str = "127.0.0.1"
-    port: int = 8000
-    log_level: str = "info"
-    context_size: int = 4096  # context window for entries without context_size; capped at the model's own
-    autoload: bool = True  # load a model on its first request
-    preload: tuple[str, ...] = ()  # models loaded at startup
-    max_queue: int = 16  # waiting requests per model beyond the running ones
-    idle_unload: float = 0.0  # seconds; 0: never
-    max_loaded: int = 0  # 0: no bound
-    max_memory: int = 0  # bytes of loaded model weights; 0: no bound
-    unload_timeout: float = 30.0  # seconds an unload waits for running requests before cancelling them
-    max_body_size: int = 8 * 1024 * 1024  # bytes of a request body; more gets 413
-    shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM/SIGINT
-    # Access. Keys never show in a repr, a log line or a page.
-    api_keys: tuple[str, ...] = field(default=(), repr=False)  # any of them opens /v1; none: /v1 is open
-    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # the admin side; none: the API keys guard it
-    insecure_no_auth: bool = False  # allow a non-loopback bind without any key
-    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones and the bind address; "*": any
-    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call /v1; "*": any
-    # Limits on one request.
-    max_messages: int = 2048  # messages in one chat request
-    max_tokens_limit: int = 0  # the largest max_tokens accepted, and the default for requests without; 0: none
-    request_timeout: float = 600.0  # seconds in the model's queue and generating; 0: no limit
+    server: ServerSettings = field(default_factory=ServerSettings)
+    manager: ManagerSettings = field(default_factory=ManagerSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+
+    GROUPS: ClassVar[dict[str, type]] = {
+        "server": ServerSettings,
+        "manager": ManagerSettings,
+        "access": AccessSettings,
+        "limits": LimitSettings,
+    }
+
+    @classmethod
+    def of(cls, **values: Any) -> Settings:
+        """Settings from flat field names (``max_queue=2``), as the CLI parses them; each name is in one group."""
+        grouped: dict[str, dict[str, Any]] = {name: {} for name in cls.GROUPS}
+        for key, value in values.items():
+            group = next(
+                (g for g, kind in cls.GROUPS.items() if key in {f.name for f in dataclasses.fields(kind)}), None
+            )
+            if group is None:
+                raise TypeError(f"no setting named {key!r}")
+            grouped[group][key] = value
+        return cls(**{name: kind(**grouped[name]) for name, kind in cls.GROUPS.items()})

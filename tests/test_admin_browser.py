@@ -13,7 +13,7 @@ import pytest
 from backends import ModelRegistry
 from backends.registry import bundled_registry_path
 from proxy.settings import Settings
-from tests.conftest import SMOL, RunningServer, smol_entry, write_registry
+from tests.support import SMOL, RunningServer, smol_entry, write_registry
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts" / "admin"
@@ -137,7 +137,7 @@ def test_sign_in_then_load_and_unload(browser: Any, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     registry = ModelRegistry.from_files([write_registry(tmp_path / "model_registry.json", [smol_entry()])])
-    with RunningServer(registry, Settings(admin_keys=("browser-admin-key",))) as server:
+    with RunningServer(registry, Settings.of(admin_key=("browser-admin-key",))) as server:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"{server.base_url}/admin")
         expect(page).to_have_url(f"{server.base_url}/admin/login?next=%2Fadmin")

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from jinja2_fragments import render_block
 
-from admin import ENVIRONMENT, TEMPLATE
+from admin.rendering import ENVIRONMENT, TEMPLATE
 from admin.views import decorate, row_id
 from backends import ModelRegistry
 from proxy.admin_api import entry_view
-from tests.conftest import SMOL, AdminSession, RunningServer, smol_entry, write_registry
+from tests.support import SMOL, AdminSession, RunningServer, smol_entry, write_registry
 
 HX = {"hx-request": "true"}
 

@@ -1,4 +1,5 @@
-"""The OpenAI API over a real server, with the real openai SDK, on the real SmolLM2 model."""
+"""The OpenAI chat API over a real server, with the real openai SDK, on the real SmolLM2 model, on both
+backends (the ``variants`` fixture)."""
 
 from __future__ import annotations
 
@@ -9,38 +10,18 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import (
-    HF_VARIANTS,
-    LLAMACPP_VARIANTS,
+from tests.support import (
+    COLORS,
+    COUNTING,
     SMOL,
     SMOL_HF_GGUF,
     RunningServer,
     Variants,
+    complete,
     schema_validator,
+    stream_chunks,
+    streamed_text,
 )
-
-COLORS = [{"role": "user", "content": "Name three colors."}]
-
-
-def complete(client: Any, model: str = SMOL, **kwargs: Any) -> Any:
-    kwargs.setdefault("messages", COLORS)
-    kwargs.setdefault("temperature", 0)
-    kwargs.setdefault("max_tokens", 40)
-    return client.chat.completions.create(model=model, **kwargs)
-
-
-def stream_chunks(client: Any, model: str = SMOL, **kwargs: Any) -> list[Any]:
-    return list(complete(client, model, stream=True, **kwargs))
-
-
-def streamed_text(chunks: list[Any]) -> str:
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-
-
-@pytest.fixture(params=[LLAMACPP_VARIANTS, HF_VARIANTS], ids=lambda v: v.backend)
-def variants(request: pytest.FixtureRequest) -> Variants:
-    """Runs a test once per backend, on that backend's variations of SmolLM2."""
-    return request.param  # type: ignore[no-any-return]
 
 
 def test_non_stream_answers_with_real_usage(
@@ -147,103 +128,10 @@ def test_same_seed_same_sample(openai_client: Any, variants: Variants) -> None:
     assert first == second
 
 
-def test_unknown_model_is_404(openai_client: Any) -> None:
-    with pytest.raises(openai.NotFoundError) as caught:
-        complete(openai_client, "no-such-model")
-    assert caught.value.status_code == 404
-    assert caught.value.code == "model_not_found"
-    assert caught.value.body["param"] == "model"
-
-
-def test_invalid_entry_is_400_naming_the_problem(openai_client: Any) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        complete(openai_client, "broken-entry")
-    assert caught.value.code == "invalid_model_entry"
-    assert "eos_to_cull" in caught.value.message
-
-
-def test_missing_weights_is_a_clear_error(openai_client: Any) -> None:
-    with pytest.raises(openai.InternalServerError) as caught:
-        complete(openai_client, "not-downloaded")
-    assert caught.value.code == "model_load_failed"
-    assert "nobody/not-in-cache-GGUF" in caught.value.message and "*Q4_0.gguf" in caught.value.message
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_context_length_exceeded_is_400_before_any_chunk(openai_client: Any, stream: bool, variants: Variants) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        complete(openai_client, variants.small_context, max_tokens=100, stream=stream)
-    assert caught.value.code == "context_length_exceeded"
-    assert "128" in caught.value.message
-
-
-def post(server: RunningServer, content: bytes | str) -> httpx.Response:
-    return httpx.post(
-        f"{server.base_url}/v1/chat/completions",
-        content=content,
-        headers={"content-type": "application/json"},
-        timeout=30,
-    )
-
-
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        (b"{not json", None),
-        (b"[1, 2]", None),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "model"),
-        (json.dumps({"model": SMOL}), "messages"),
-        (json.dumps({"model": SMOL, "messages": []}), "messages"),
-        (
-            json.dumps({"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}),
-            "max_tokens",
-        ),
-        (json.dumps({"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}), "temperature"),
-        (json.dumps({"model": SMOL, "messages": [{"role": "robot", "content": "hi"}]}), "messages[0].role"),
-        (
-            json.dumps({"model": SMOL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
-            "messages[0].content[0].type",
-        ),
-        (
-            json.dumps(
-                {"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}
-            ),
-            "stop",
-        ),
-    ],
-)
-def test_bad_input_is_400_in_openai_shape(api_server: RunningServer, body: bytes | str, param: str | None) -> None:
-    response = post(api_server, body)
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error"
-    assert error["param"] == param
-    assert error["message"]
-    assert httpx.get(f"{api_server.base_url}/health").status_code == 200  # still serving
-
-
 def test_text_content_parts_are_joined(openai_client: Any) -> None:
     parts = [{"type": "text", "text": "Name three "}, {"type": "text", "text": "colors."}]
     response = complete(openai_client, messages=[{"role": "user", "content": parts}])
     assert response.choices[0].message.content == complete(openai_client).choices[0].message.content
-
-
-def test_unknown_fields_are_accepted(api_server: RunningServer) -> None:
-    body = {
-        "model": SMOL,
-        "messages": COLORS,
-        "max_tokens": 2,
-        "chat_template_kwargs": {"enable_thinking": False},
-        "some_vendor_field": {"x": 1},
-    }
-    assert post(api_server, json.dumps(body)).status_code == 200
-
-
-def test_unknown_route_is_404_envelope(api_server: RunningServer) -> None:
-    response = httpx.get(f"{api_server.base_url}/v1/nothing-here")
-    assert response.status_code == 404
-    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_models_lists_servable_entries(openai_client: Any, openai_schemas: dict[str, Any]) -> None:
@@ -266,13 +154,9 @@ def test_health_reports_loaded_models(api_server: RunningServer, openai_client: 
     assert SMOL in health["loaded"]
 
 
-# Greedy SmolLM2 counts on for hundreds of tokens here (it reaches max_tokens=300 on both backends).
-COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
-
-
 def test_disconnect_stops_generation(api_server: RunningServer, openai_client: Any, variants: Variants) -> None:
     complete(openai_client, variants.plain, max_tokens=1)  # loaded before we start counting
-    model = api_server.app.state.manager.loaded(variants.plain)
+    model = api_server.services.manager.loaded(variants.plain)
     before = model.tokens_generated
     body = {"model": variants.plain, "messages": COUNTING, "temperature": 0, "max_tokens": 300, "stream": True}
     with httpx.stream("POST", f"{api_server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
@@ -299,19 +183,12 @@ def test_model_without_a_chat_template_gets_the_generic_one(
 ) -> None:
     response = complete(openai_client, "smol-hf-no-template")
     assert response.choices[0].message.content.strip()  # a usable prompt gets some answer
-    model = api_server.app.state.manager.loaded("smol-hf-no-template")
+    model = api_server.services.manager.loaded("smol-hf-no-template")
     info = model.load_info()
     assert info["chat_template"] == "generic"
     assert any("ships no chat template" in w and "generic fallback" in w for w in info["warnings"])
     prompt = model.render_prompt(COLORS)
     assert prompt.endswith("User: Name three colors.\n\nAssistant:")
-
-
-def test_hf_model_not_in_cache_is_a_clear_error(openai_client: Any) -> None:
-    with pytest.raises(openai.InternalServerError) as caught:
-        complete(openai_client, "hf-not-downloaded")
-    assert caught.value.code == "model_load_failed"
-    assert "nobody/not-in-cache" in caught.value.message and "not reachable" in caught.value.message
 
 
 def test_penalties_change_the_greedy_answer(openai_client: Any, variants: Variants) -> None:
@@ -323,36 +200,6 @@ def test_penalties_change_the_greedy_answer(openai_client: Any, variants: Varian
     with pytest.raises(openai.BadRequestError) as caught:
         complete(openai_client, variants.plain, presence_penalty=2.5)
     assert caught.value.body["param"] == "presence_penalty"
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-        ("response_format", {"type": "json_object"}),
-        ("logit_bias", {"50256": -100}),
-    ],
-)
-def test_fields_we_cannot_honour_are_refused(api_server: RunningServer, field: str, value: Any) -> None:
-    response = post(api_server, json.dumps({"model": SMOL, "messages": COLORS, field: value}))
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert error["param"] == field and error["code"] == "unsupported_parameter" and field in error["message"]
-    # Their harmless values are fine.
-    harmless = {"response_format": {"type": "text"}, "tool_choice": "none", "max_tokens": 1}
-    assert post(api_server, json.dumps({"model": SMOL, "messages": COLORS, **harmless})).status_code == 200
-
-
-def test_body_over_the_limit_is_413(tmp_path: Any) -> None:
-    from backends import ModelRegistry
-    from proxy.settings import Settings
-
-    with RunningServer(ModelRegistry.from_list([]), Settings(max_body_size=1000)) as server:
-        big = json.dumps({"model": SMOL, "messages": [{"role": "user", "content": "x" * 2000}]})
-        response = post(server, big)
-        assert response.status_code == 413
-        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-        assert httpx.get(f"{server.base_url}/health").status_code == 200
 
 
 def test_several_choices_streamed_and_not(
@@ -407,62 +254,6 @@ def test_logprobs_streamed_and_not(openai_client: Any, openai_schemas: dict[str,
     assert caught.value.body["param"] == "top_logprobs"
 
 
-def test_legacy_completions(openai_client: Any, openai_schemas: dict[str, Any], variants: Variants) -> None:
-    prompts = ["The capital of France is", "1, 2, 3,"]
-    response = openai_client.completions.create(
-        model=variants.plain, prompt=prompts, n=2, max_tokens=8, temperature=0, logprobs=2
-    )
-    validator = schema_validator(openai_schemas, "CreateCompletionResponse")
-    validator.validate(response.model_dump(exclude_unset=True))
-    assert response.id.startswith("cmpl-") and response.object == "text_completion"
-    assert [c.index for c in response.choices] == [0, 1, 2, 3]
-    assert response.choices[0].text == response.choices[1].text  # greedy: n copies of one answer per prompt
-    assert response.choices[2].text.startswith(" 4")  # the count goes on
-    for choice in response.choices:
-        assert "".join(choice.logprobs.tokens) == choice.text
-        assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
-    single = [
-        openai_client.completions.create(model=variants.plain, prompt=p, max_tokens=8, temperature=0) for p in prompts
-    ]
-    assert response.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single)  # each prompt counted once
-    assert [s.choices[0].text for s in single] == [response.choices[0].text, response.choices[2].text]
-
-    chunks = list(
-        openai_client.completions.create(
-            model=variants.plain,
-            prompt=prompts[0],
-            max_tokens=8,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == response.choices[0].text
-    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert len(finishing) == 1
-    validator.validate(finishing[0].model_dump(exclude_unset=True))
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
-
-    echoed = openai_client.completions.create(model=variants.plain, prompt=prompts[0], max_tokens=3, echo=True)
-    assert echoed.choices[0].text.startswith(prompts[0])
-
-
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"model": SMOL}, "prompt"),
-        ({"model": SMOL, "prompt": ""}, "prompt"),
-        ({"model": SMOL, "prompt": "hi", "best_of": 3}, "best_of"),
-        ({"model": SMOL, "prompt": "hi", "logprobs": 6}, "logprobs"),
-        ({"model": "no-such-model", "prompt": "hi"}, "model"),
-    ],
-)
-def test_legacy_completions_errors(api_server: RunningServer, body: dict[str, Any], param: str) -> None:
-    response = httpx.post(f"{api_server.base_url}/v1/completions", json=body, timeout=60)
-    assert response.status_code in (400, 404)
-    assert response.json()["error"]["param"] == param
-
-
 async def test_async_client_and_the_stream_helper(api_server: RunningServer, variants: Variants) -> None:
     from openai import AsyncOpenAI
 
@@ -509,51 +300,3 @@ def test_the_client_checks_every_body_against_the_schemas(openai_client: Any) ->
     assert checked["CreateChatCompletionResponse"] == before.get("CreateChatCompletionResponse", 0) + 1
     assert checked["CreateChatCompletionStreamResponse"] >= before.get("CreateChatCompletionStreamResponse", 0) + 3
     assert checked["ErrorResponse"] == before.get("ErrorResponse", 0) + 1
-
-
-def test_request_ids_are_echoed_and_logged(api_server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
-    made = httpx.get(f"{api_server.base_url}/health")
-    assert len(made.headers["x-request-id"]) == 32  # one is made when the client sends none
-    with caplog.at_level("INFO", logger="clemproxy.access"):
-        kept = httpx.get(f"{api_server.base_url}/v1/models", headers={"x-request-id": "run-42.turn-3"})
-        refused = httpx.get(f"{api_server.base_url}/health", headers={"x-request-id": "bad id\\n"})
-    assert kept.headers["x-request-id"] == "run-42.turn-3"
-    assert refused.headers["x-request-id"] != "bad id\\n"
-    assert any(
-        "path=/v1/models status=200" in r.message and "request_id=run-42.turn-3" in r.message for r in caplog.records
-    )
-
-
-def test_prometheus_metrics(api_server: RunningServer, openai_client: Any) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        text = httpx.get(f"{api_server.base_url}/metrics").text
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    before = samples()
-    complete(openai_client, max_tokens=5)
-    after = samples()
-    ok = ("clemproxy_requests_total", (("model", SMOL), ("route", "/v1/chat/completions"), ("status", "200")))
-    assert after[ok] == before.get(ok, 0) + 1
-    tokens = ("clemproxy_generated_tokens_total", (("model", SMOL),))
-    assert after[tokens] - before.get(tokens, 0) == 5
-    assert after[("clemproxy_model_loaded", (("model", SMOL),))] == 1
-    assert after[("clemproxy_model_bytes", (("model", SMOL),))] > 0
-    assert after[("clemproxy_queued_requests", (("model", SMOL),))] == 0
-    ttft = ("clemproxy_time_to_first_token_seconds_count", (("model", SMOL),))
-    assert after[ttft] == before.get(ttft, 0) + 1
-    legacy = openai_client.completions.create(model=SMOL, prompt="Once upon a time", max_tokens=3, temperature=0)
-    assert legacy.usage is not None
-    latest = samples()  # the legacy endpoint is counted the same way
-    assert latest[ttft] == after[ttft] + 1
-    assert latest[tokens] - after[tokens] == legacy.usage.completion_tokens
-    assert after[("clemproxy_model_load_seconds_count", (("model", SMOL),))] >= 1
-    failure = ("clemproxy_model_load_failures_total", (("model", "not-downloaded"),))
-    body = {"model": "not-downloaded", "messages": [{"role": "user", "content": "Hi"}]}
-    assert httpx.post(f"{api_server.base_url}/v1/chat/completions", json=body, timeout=60).status_code == 500
-    assert samples()[failure] == latest.get(failure, 0) + 1  # weights that are not there: a failed load

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from backends import GenerationOutcome, GenerationParams
-from tests.conftest import COLORS, GREEDY, generate
+from tests.support import COLORS, GREEDY, generate
 
 CONVERSATIONS = {
     "user only": COLORS,

@@ -13,7 +13,7 @@ import pytest
 
 from backends import ModelRegistry
 from proxy.settings import Settings
-from tests.conftest import SMOL, SMOL_HF_GGUF, RunningServer, smol_entry
+from tests.support import SMOL, SMOL_HF_GGUF, RunningServer, smol_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEMCORE_PYTHON = Path(os.environ.get("CLEMPROXY_CLEMCORE_PYTHON") or ROOT / ".venv-clemcore" / "bin" / "python")
@@ -51,7 +51,7 @@ def test_clemcore_openai_compatible_backend(api_server: RunningServer, tmp_path:
 def test_clemcore_sends_its_key_to_a_guarded_server(tmp_path: Path) -> None:
     """key.json's openai_compatible api_key is the bearer token clemproxy checks; a wrong one is refused."""
     registry = ModelRegistry.from_list([smol_entry()])
-    with RunningServer(registry, Settings(api_keys=("clembench-team-key",))) as server:
+    with RunningServer(registry, Settings.of(api_key=("clembench-team-key",))) as server:
         assert_colors(run_clemcore(server.base_url, tmp_path, SMOL, api_key="clembench-team-key"), SMOL)
         refused = run_clemcore(server.base_url, tmp_path, SMOL, api_key="wrong-key")
         assert refused.returncode != 0 and "401" in refused.stderr

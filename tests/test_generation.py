@@ -18,7 +18,7 @@ from proxy.chat import ChatCompletionService
 from proxy.generation import generate_text
 from proxy.manager import ModelManager
 from proxy.protocol import ChatCompletionRequest, ChatMessage
-from tests.conftest import SMOL, smol_entry
+from tests.support import SMOL, smol_entry
 
 COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
 

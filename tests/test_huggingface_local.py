@@ -19,7 +19,7 @@ from backends.huggingface_local import (
     partial_device_map,
 )
 from backends.weights import ModelSource, checkpoint_files, find_model_source
-from tests.conftest import COLORS, SMOL_HF_GGUF, bundled_entry, generate, loaded, smol_hf_entry
+from tests.support import COLORS, SMOL_HF_GGUF, bundled_entry, generate, loaded, smol_hf_entry
 
 
 @pytest.fixture(scope="module")

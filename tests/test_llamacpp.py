@@ -15,7 +15,7 @@ from backends.llamacpp import LlamaCppModel
 from backends.placement import requested_gpu_layers
 from backends.prompting import ensure_single_bos
 from backends.weights import find_weight_files
-from tests.conftest import CHATML_VIA_SPECIAL_TOKENS, COLORS, GREEDY, generate, loaded, smol_entry, smollm2_gguf
+from tests.support import CHATML_VIA_SPECIAL_TOKENS, COLORS, GREEDY, generate, loaded, smol_entry, smollm2_gguf
 
 BOS = 1  # SmolLM2: <|im_start|> is the BOS token, and the file says not to add one automatically
 

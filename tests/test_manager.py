@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import openai
@@ -26,11 +21,20 @@ import pytest
 
 from backends import LoadOptions, ModelRegistry
 from proxy.errors import APIError
-from proxy.manager import ManagerSettings, ModelManager, ModelState
-from proxy.settings import Settings, parse_memory
-from tests.conftest import SMOL, RunningServer, free_port, smol_entry, smol_hf_entry, write_registry
+from proxy.manager import ModelManager, ModelState, RequestTimeoutError
+from proxy.settings import ManagerSettings, Settings, parse_memory
+from tests.support import (
+    COUNTING,
+    SMOL,
+    RunningServer,
+    ServerProcess,
+    StreamInThread,
+    smol_entry,
+    smol_hf_entry,
+    wait_until,
+    write_registry,
+)
 
-COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
 OTHER = "smol-other"  # a second llama.cpp model: the same file under another name
 
 
@@ -49,7 +53,7 @@ def entries(checkpoint: Path | None = None) -> list[dict[str, Any]]:
 
 def server(tmp_path: Path, **settings: Any) -> RunningServer:
     path = write_registry(tmp_path / "model_registry.json", entries())
-    return RunningServer(ModelRegistry.from_files([path]), Settings(**settings))
+    return RunningServer(ModelRegistry.from_files([path]), Settings.of(**settings))
 
 
 def views(srv: RunningServer) -> dict[str, Any]:
@@ -58,57 +62,8 @@ def views(srv: RunningServer) -> dict[str, Any]:
     return {model["name"]: model for model in response.json()["models"]}
 
 
-def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = 60) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.01)
-
-
 def client(srv: RunningServer) -> Any:
     return openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-class StreamInThread:
-    """A streaming chat request run on its own thread, recording every SSE line and when it finished."""
-
-    finished: ClassVar[list[str]] = []  # names in completion order, shared by the streams of one test
-
-    def __init__(self, srv: RunningServer, label: str, model: str = SMOL, max_tokens: int = 40) -> None:
-        self.label = label
-        self.lines: list[str] = []
-        self.body = {"model": model, "messages": COUNTING, "temperature": 0, "max_tokens": max_tokens, "stream": True}
-        self.url = f"{srv.base_url}/v1/chat/completions"
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        with httpx.stream("POST", self.url, json=self.body, timeout=120) as response:
-            self.status = response.status_code
-            self.lines = [line for line in response.iter_lines() if line]
-        StreamInThread.finished.append(self.label)
-
-    def join(self) -> StreamInThread:
-        self.thread.join(timeout=120)
-        assert not self.thread.is_alive()
-        return self
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line[6:]) for line in self.lines if line.startswith("data: {")]
-
-    @property
-    def text(self) -> str:
-        return "".join(e["choices"][0]["delta"].get("content") or "" for e in self.events if e.get("choices"))
-
-    @property
-    def finish_reasons(self) -> list[str]:
-        return [
-            e["choices"][0]["finish_reason"]
-            for e in self.events
-            if e.get("choices") and e["choices"][0]["finish_reason"]
-        ]
 
 
 @pytest.fixture
@@ -176,10 +131,10 @@ def test_failed_load_is_recorded_and_retryable(srv: RunningServer) -> None:
 def test_concurrent_requests_complete_in_order_untruncated(srv: RunningServer) -> None:
     expected = client(srv).chat.completions.create(model=SMOL, messages=COUNTING, temperature=0, max_tokens=40)
     StreamInThread.finished = []
-    streams = [StreamInThread(srv, "first")]
+    streams = [StreamInThread(srv.base_url, "first")]
     wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
     for index in range(1, 4):
-        streams.append(StreamInThread(srv, f"queued-{index}"))
+        streams.append(StreamInThread(srv.base_url, f"queued-{index}"))
         wait_until(lambda index=index: views(srv)[SMOL]["queued"] == index, f"{index} requests wait")
     for stream in streams:
         stream.join()
@@ -191,9 +146,9 @@ def test_concurrent_requests_complete_in_order_untruncated(srv: RunningServer) -
 
 def test_queue_overflow_is_503_with_retry_after(tmp_path: Path) -> None:
     with server(tmp_path, max_queue=1) as srv:
-        running = StreamInThread(srv, "running", max_tokens=120)
+        running = StreamInThread(srv.base_url, "running", max_tokens=120)
         wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
-        waiting = StreamInThread(srv, "waiting")
+        waiting = StreamInThread(srv.base_url, "waiting")
         wait_until(lambda: views(srv)[SMOL]["queued"] == 1, "one request waits")
         with pytest.raises(openai.APIStatusError) as caught:
             client(srv).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)
@@ -209,7 +164,7 @@ def test_queue_overflow_is_503_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_client_leaving_the_queue_is_removed_from_it(srv: RunningServer) -> None:
-    running = StreamInThread(srv, "running", max_tokens=200)
+    running = StreamInThread(srv.base_url, "running", max_tokens=200)
     wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
     for stream in (True, False):
         body = json.dumps({"model": SMOL, "messages": COUNTING, "max_tokens": 5, "stream": stream}).encode()
@@ -226,7 +181,7 @@ def test_client_leaving_the_queue_is_removed_from_it(srv: RunningServer) -> None
 
 
 def test_unload_waits_for_a_running_request(srv: RunningServer) -> None:
-    stream = StreamInThread(srv, "running", max_tokens=60)
+    stream = StreamInThread(srv.base_url, "running", max_tokens=60)
     wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the request runs")
     unloaded = httpx.post(f"{srv.base_url}/admin/api/models/{SMOL}/unload", timeout=120).json()
     assert unloaded["state"] == "unloaded"
@@ -235,7 +190,7 @@ def test_unload_waits_for_a_running_request(srv: RunningServer) -> None:
 
 def test_unload_past_its_timeout_ends_streams_with_an_error(tmp_path: Path) -> None:
     with server(tmp_path, unload_timeout=0.2) as srv:
-        stream = StreamInThread(srv, "running", max_tokens=300)
+        stream = StreamInThread(srv.base_url, "running", max_tokens=300)
         wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the request runs")
         assert httpx.post(f"{srv.base_url}/admin/api/models/{SMOL}/unload", timeout=60).json()["state"] == "unloaded"
         stream.join()
@@ -257,7 +212,7 @@ def test_max_loaded_evicts_the_idle_model_never_a_busy_one(tmp_path: Path) -> No
         for model in (SMOL, OTHER, SMOL):
             chat.chat.completions.create(model=model, messages=COUNTING, max_tokens=2)
             assert [name for name, v in views(srv).items() if v["state"] == "loaded"] == [model]
-        busy = StreamInThread(srv, "busy", max_tokens=80)  # on SMOL
+        busy = StreamInThread(srv.base_url, "busy", max_tokens=80)  # on SMOL
         wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "SMOL is busy")
         answer = chat.chat.completions.create(model=OTHER, messages=COUNTING, max_tokens=2)  # waits for SMOL
         assert answer.choices[0].message.content
@@ -279,7 +234,7 @@ def test_transformers_model_serves_two_requests_at_once(tmp_path: Path, smol_che
     path = write_registry(tmp_path / "model_registry.json", entries(smol_checkpoint))
     with RunningServer(ModelRegistry.from_files([path])) as srv:
         expected = client(srv).chat.completions.create(model="smol-hf", messages=COUNTING, temperature=0, max_tokens=60)
-        streams = [StreamInThread(srv, f"stream-{i}", model="smol-hf", max_tokens=60) for i in range(2)]
+        streams = [StreamInThread(srv.base_url, f"stream-{i}", model="smol-hf", max_tokens=60) for i in range(2)]
         wait_until(lambda: views(srv)["smol-hf"]["in_flight"] == 2, "both requests run at once")
         for stream in streams:
             stream.join()
@@ -339,7 +294,7 @@ async def test_load_unload_and_request_races_end_consistent() -> None:
                 slot = manager.slot(name)
                 assert slot.state in (ModelState.LOADED, ModelState.UNLOADED)
                 assert (slot.state == ModelState.LOADED) == (slot.model is not None and slot.model.is_loaded)
-                assert not slot.running and not slot.queue
+                assert not slot.queue.running and not slot.queue.waiting and slot.queue.admitted == 0
                 resident += slot.state == ModelState.LOADED
             assert resident <= 1
     finally:
@@ -354,14 +309,18 @@ async def test_request_timeout_counts_the_wait_in_the_queue() -> None:
     )
     try:
         await manager.load(SMOL)
-        async with manager.lease(SMOL) as holder:  # the model's one generation slot, held past the deadline
-            with pytest.raises(APIError) as waited:
-                async with manager.lease(SMOL):
-                    pytest.fail("the second lease should not have been granted")
-            assert waited.value.status == 504 and waited.value.code == "request_timeout"
-            assert "waiting for its turn" in waited.value.message
-            assert waited.value.headers["x-should-retry"] == "false"
-            assert not manager.slot(SMOL).queue
+        async with manager.reserve(SMOL) as holding:
+            holder = await holding.turn()  # the model's one generation slot, held past the deadline
+            with pytest.raises(RequestTimeoutError) as waited:
+                async with manager.reserve(SMOL) as second:
+                    await second.turn()
+                    pytest.fail("the second request should not have had its turn")
+            error = APIError.of(waited.value)
+            assert error.status == 504 and error.code == "request_timeout"
+            assert "waiting for its turn" in error.message
+            assert error.headers["x-should-retry"] == "false"
+            queue = manager.slot(SMOL).queue
+            assert not queue.waiting and queue.admitted == 1  # only the holder is left
             await asyncio.sleep(0.1)
             stopped = holder.error()
             assert stopped is not None and stopped.status == 504 and "generating" in stopped.message
@@ -376,15 +335,8 @@ def rss_of(base_url: str) -> int:
 
 def test_memory_is_returned_after_unload(tmp_path: Path, smol_checkpoint: Path) -> None:
     registry = write_registry(tmp_path / "model_registry.json", entries(smol_checkpoint))
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry), "--port", str(port)]
-    # The server's log goes to a file: a pipe nobody reads would fill up and block the server.
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - the server process writes to it
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(f"{base_url}/health"), "the server is up")
+    with ServerProcess(registry) as process:
+        base_url = process.base_url
         before = rss_of(base_url)
         loaded = httpx.post(f"{base_url}/admin/api/models/smol-hf/load", timeout=120).json()
         model_bytes = loaded["loaded"]["model_bytes"]
@@ -397,13 +349,3 @@ def test_memory_is_returned_after_unload(tmp_path: Path, smol_checkpoint: Path) 
         print(f"RSS before load {before >> 20} MiB, loaded {with_model >> 20} MiB, after unload {after >> 20} MiB")
         assert with_model - before > model_bytes * 0.8  # the weights were in memory ...
         assert with_model - after > model_bytes * 0.8  # ... and left it
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

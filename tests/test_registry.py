@@ -12,7 +12,7 @@ import pytest
 from backends import InvalidModelEntryError, ModelRegistry, ModelSpec, UnknownModelError, UnsupportedBackendError
 from backends.registry import RegistryFileError, bundled_registry_path, registry_sources
 from backends.weights import local_model_dir
-from tests.conftest import SMOL, smol_entry, write_registry
+from tests.support import SMOL, smol_entry, write_registry
 
 FLAT = {
     "model_name": "flat",

@@ -22,9 +22,10 @@ import httpx
 import openai
 import pytest
 
-from proxy.cli import build_parser, keys
-from proxy.security import RedactingFormatter, host_name, is_loopback, read_key_file
-from tests.conftest import SMOL, AdminSession, ServerProcess, csrf_token_in, free_port, smol_entry, write_registry
+from proxy.cli import parse_serve
+from proxy.security import RedactingFormatter, host_name, is_loopback
+from proxy.settings import read_key_file
+from tests.support import SMOL, AdminSession, ServerProcess, csrf_token_in, free_port, smol_entry, write_registry
 
 API_KEY = f"sk-planted-api-{secrets.token_hex(12)}"
 ADMIN_KEY = f"planted-admin-{secrets.token_hex(12)}"
@@ -345,25 +346,27 @@ def test_key_files_skip_comments_and_refuse_to_be_empty(tmp_path: Path) -> None:
 
 def test_keys_come_from_flags_the_environment_and_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "keys.txt").write_text("from-file\n", encoding="utf-8")
-    args = build_parser().parse_args(
-        ["serve", "--api-key", "from-flag", "--api-key", " ", "--api-key-file", "keys.txt"]
-    )
+    settings = parse_serve(["--api-key", "from-flag", "--api-key", " ", "--api-key-file", "keys.txt"])
     monkeypatch.chdir(tmp_path)
-    assert keys(args, "api") == ("from-flag", "from-file")  # an empty key is no key
+    assert settings.access.with_key_files_read().api_key == ("from-flag", "from-file")  # an empty key is no key
     monkeypatch.setenv("CLEMPROXY_ADMIN_KEY", "env-one, env-two")
-    assert keys(build_parser().parse_args(["serve"]), "admin") == ("env-one", "env-two")
+    assert parse_serve([]).access.with_key_files_read().admin_key == ("env-one", "env-two")
 
 
 def test_access_flags_and_their_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    args = build_parser().parse_args(["serve"])
-    assert (args.api_key, args.insecure_no_auth, args.max_messages, args.max_tokens_limit) == (None, False, 2048, 0)
-    assert args.request_timeout == 600
+    settings = parse_serve([])
+    access, limits = settings.access, settings.limits
+    assert (access.api_key, access.insecure_no_auth) == ((), False)
+    assert (limits.max_messages, limits.max_tokens_limit) == (2048, 0)
+    assert settings.manager.request_timeout == 600
     monkeypatch.setenv("CLEMPROXY_INSECURE_NO_AUTH", "1")
     monkeypatch.setenv("CLEMPROXY_REQUEST_TIMEOUT", "30")
-    args = build_parser().parse_args(["serve", "--api-key", "a", "--api-key", "b", "--cors-origin", APP_ORIGIN])
-    assert (args.api_key, args.cors_origin, args.insecure_no_auth, args.request_timeout) == (
-        ["a", "b"],
-        [APP_ORIGIN],
+    settings = parse_serve(["--api-key", "a", "--api-key", "b", "--cors-origin", APP_ORIGIN])
+    access = settings.access
+    assert (access.api_key, access.cors_origin, access.insecure_no_auth, settings.manager.request_timeout) == (
+        ("a", "b"),
+        (APP_ORIGIN,),
         True,
         30,
     )
+    assert "'a'" not in repr(settings)  # keys never show in a repr (or a log line)

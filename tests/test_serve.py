@@ -2,52 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 
-from proxy.cli import build_parser
-from tests.conftest import SMOL, free_port
-
-
-def wait_until_serving(process: subprocess.Popen[str], url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}"
-            )
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise TimeoutError("server did not start")
+from proxy.cli import SERVE, parse_serve
+from proxy.settings import Settings
+from tests.support import SMOL, ServerProcess
 
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[str]:
     """The console script, started in an empty folder so that only the bundled registry is read."""
-    port = free_port()
     executable = shutil.which("clemproxy", path=str(Path(sys.executable).parent)) or "clemproxy"
-    env = dict(os.environ, CLEMPROXY_PORT=str(port), CLEMPROXY_LOG_LEVEL="warning")
-    process = subprocess.Popen(
-        [executable, "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(process, url)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with ServerProcess(None, cwd=tmp_path, command=[executable], env={"CLEMPROXY_LOG_LEVEL": "warning"}) as server:
+        yield server.base_url
 
 
 def test_serve_answers_the_readme_request(served: str) -> None:
@@ -65,27 +42,49 @@ def test_flags_have_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("CLEMPROXY_PORT", "9001")
     monkeypatch.setenv("CLEMPROXY_LOG_LEVEL", "DEBUG")
     monkeypatch.setenv("CLEMPROXY_CONTEXT_SIZE", "2048")
-    args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.log_level, args.context_size) == ("0.0.0.0", 9001, "debug", 2048)
-    args = build_parser().parse_args(["serve", "--port", "9002", "--registry", "a.json", "--registry", "b.json"])
-    assert args.port == 9002 and [str(p) for p in args.registry] == ["a.json", "b.json"]
-    assert build_parser().parse_args(["serve"]).host == "0.0.0.0"
+    settings = parse_serve([])
+    server = settings.server
+    assert (server.host, server.port, server.log_level, settings.manager.context_size) == (
+        "0.0.0.0",
+        9001,
+        "debug",
+        2048,
+    )
+    settings = parse_serve(["--port", "9002", "--registry", "a.json", "--registry", "b.json"])
+    assert settings.server.port == 9002 and [str(p) for p in settings.server.registry] == ["a.json", "b.json"]
+    assert parse_serve([]).server.host == "0.0.0.0"
     monkeypatch.delenv("CLEMPROXY_HOST")
-    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"  # loopback unless told otherwise
+    assert parse_serve([]).server.host == "127.0.0.1"  # loopback unless told otherwise
+    monkeypatch.setenv("CLEMPROXY_REGISTRY", os.pathsep.join(["one.json", "two.json"]))  # listed like PATH
+    assert [str(p) for p in parse_serve([]).server.registry] == ["one.json", "two.json"]
 
 
 def test_manager_flags_and_their_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    args = build_parser().parse_args(["serve"])
-    assert (args.autoload, args.preload, args.max_queue, args.idle_unload) == (True, None, 16, 0.0)
-    assert (args.max_loaded, args.max_memory, args.unload_timeout) == (0, 0, 30.0)
+    manager = parse_serve([]).manager
+    assert (manager.autoload, manager.preload, manager.max_queue, manager.idle_unload) == (True, (), 16, 0.0)
+    assert (manager.max_loaded, manager.max_memory, manager.unload_timeout) == (0, 0, 30.0)
     monkeypatch.setenv("CLEMPROXY_AUTOLOAD", "0")
     monkeypatch.setenv("CLEMPROXY_MAX_LOADED", "2")
     monkeypatch.setenv("CLEMPROXY_MAX_MEMORY", "4GiB")
-    args = build_parser().parse_args(["serve", "--preload", "a", "--preload", "b", "--idle-unload", "300"])
-    assert (args.autoload, args.preload, args.idle_unload) == (False, ["a", "b"], 300.0)
-    assert (args.max_loaded, args.max_memory) == (2, 4 * 1024**3)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--max-memory", "lots"])
+    manager = parse_serve(["--preload", "a", "--preload", "b", "--idle-unload", "300"]).manager
+    assert (manager.autoload, manager.preload, manager.idle_unload) == (False, ("a", "b"), 300.0)
+    assert (manager.max_loaded, manager.max_memory) == (2, 4 * 1024**3)
+    assert parse_serve(["--autoload"]).manager.autoload  # the flag wins over the environment
+    monkeypatch.setenv("CLEMPROXY_PRELOAD", "a, b")
+    assert parse_serve([]).manager.preload == ("a", "b")
+    with pytest.raises(click.BadParameter, match="not a memory size"):
+        parse_serve(["--max-memory", "lots"])
+
+
+def test_every_setting_is_a_flag_with_its_variable_and_one_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI is derived from the settings: no flag has a default of its own (once, request_timeout had two)."""
+    for name in [n for n in os.environ if n.startswith("CLEMPROXY_")]:
+        monkeypatch.delenv(name)
+    assert parse_serve([]) == Settings()
+    usage = SERVE.get_help(click.Context(SERVE, auto_envvar_prefix="CLEMPROXY"))
+    for group in Settings.GROUPS.values():
+        for setting in dataclasses.fields(group):
+            assert f"--{setting.name.replace('_', '-')}" in usage and f"CLEMPROXY_{setting.name.upper()}" in usage
 
 
 def test_serve_refuses_a_missing_registry_file(tmp_path: Path) -> None:

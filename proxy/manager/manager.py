@@ -1,0 +1,399 @@
+"""``ModelManager``: the one owner of every loaded model.
+
+A request enters it once, through ``reserve``: admitted against the model's bound (``queue``), the model
+loaded if need be and held while the request prepares its prompt, then a turn in the model's FIFO
+(``Reservation.turn``) and a ``Lease`` for its generations, until the reservation ends. Loads and unloads are
+serialised per model (``slot``); which models stay resident is ``residency``'s call. Blocking model work runs
+on worker threads; the event loop only awaits. Refusals are ``proxy.manager.errors``, never HTTP errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from backends import BackendError, LoadOptions, Model, ModelLoadError, ModelRegistry, ModelSpec, backend_of
+from backends import create_model as default_factory
+from proxy.manager.errors import (
+    ManagerError,
+    ModelNotLoadedError,
+    ModelUnloadedError,
+    PlacementConflictError,
+    RequestTimeoutError,
+    ServerShuttingDownError,
+)
+from proxy.manager.queue import Lease
+from proxy.manager.residency import Residency
+from proxy.manager.slot import ModelSlot, ModelState
+from proxy.settings import ManagerSettings
+
+logger = logging.getLogger(__name__)
+
+ModelFactory = Callable[[ModelSpec, LoadOptions], Model]
+
+
+class Reservation:
+    """One request's place with a model, from admission to its end (see ``ModelManager.reserve``).
+
+    Until ``turn()`` the loaded ``model`` is held for preparing the prompt; ``turn()`` waits in the model's
+    FIFO and returns the lease the request's generations run under.
+    """
+
+    def __init__(self, manager: ModelManager, slot: ModelSlot) -> None:
+        self._manager = manager
+        self.slot = slot
+        self.model: Model | None = None
+        self.lease: Lease | None = None
+        self.holding = False
+        self.ticket: object | None = None  # its place in the FIFO while it waits for its turn
+        self.started = 0.0  # when its turn began (time.monotonic())
+        self.expiry: asyncio.TimerHandle | None = None
+
+    async def turn(self) -> Lease:
+        return await self._manager._turn(self)
+
+
+class ModelManager:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        options: LoadOptions,
+        factory: ModelFactory = default_factory,
+        settings: ManagerSettings | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics  # proxy.metrics.Metrics, when the app keeps metrics
+        self.options = options
+        self.settings = settings or ManagerSettings()
+        self._factory = factory
+        self._slots: dict[str, ModelSlot] = {}
+        self.residency = Residency(
+            self.settings.max_loaded, self.settings.max_memory, self._slots.values, self._evict_if_idle
+        )
+        self._closing = False
+        self._background: set[asyncio.Task[None]] = set()  # referenced until done, so they are not collected
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        # Whoever needed the outcome has awaited it; retrieving it here keeps asyncio from reporting it again.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return task
+
+    def _announce(self, slot: ModelSlot) -> None:
+        """Wake whoever waits on the slot or for room, from code that must not wait itself (a ``finally`` of a
+        cancelled request): the state it changed is already consistent, only the notification is deferred."""
+
+        async def notify() -> None:
+            async with slot.changed:
+                slot.changed.notify_all()
+            await self.residency.notify()
+
+        self._spawn(notify())
+
+    # --- views ---------------------------------------------------------------------------------------
+
+    def slot(self, name: str) -> ModelSlot:
+        """The slot of a servable registry name; ``UnknownModelError`` or ``InvalidModelEntryError`` otherwise."""
+        slot = self._slots.get(name)
+        if slot is None:  # the registry never changes: a name resolved once stays resolved
+            slot = self._slots[name] = ModelSlot(name, self.registry.resolve(name), self.settings.max_queue)
+        return slot
+
+    def slots(self) -> list[tuple[str, ModelSlot]]:
+        return list(self._slots.items())
+
+    def existing_slot(self, name: str) -> ModelSlot | None:
+        return self._slots.get(name)
+
+    def loaded(self, name: str) -> Model | None:
+        """The model loaded for a registry name, if any; loads nothing."""
+        slot = self._slots.get(name)
+        return slot.model if slot is not None and slot.is_loaded else None
+
+    def loaded_names(self) -> list[str]:
+        return [name for name, slot in self._slots.items() if slot.is_loaded]
+
+    def loaded_bytes(self) -> int:
+        return sum(slot.model_bytes for slot in self._slots.values() if slot.is_loaded)
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def reserve(self, name: str) -> AsyncIterator[Reservation]:
+        """A request's one way in: admit it now or refuse it (503), load the model if need be, and hold it
+        loaded while the block prepares the prompt; ``turn()`` then waits for the request's turn.
+
+        Admission is counted before the first ``await``, so a burst of simultaneous requests is bounded by
+        the model's concurrency plus ``max_queue``. Everything is released when the block ends, however.
+        """
+        slot = self.slot(name)
+        self._admit(slot)
+        reservation = Reservation(self, slot)
+        try:
+            await self._hold(reservation)
+            yield reservation
+        finally:
+            self._end(reservation)
+
+    def _admit(self, slot: ModelSlot) -> None:
+        retry_after = self.settings.retry_after
+        if self._closing:
+            raise ServerShuttingDownError("The server is shutting down", retry_after=retry_after)
+        if not self.settings.autoload and slot.state in (ModelState.UNLOADED, ModelState.FAILED):
+            raise self._not_loaded(slot)
+        slot.queue.admit(slot.name, retry_after)
+
+    def _not_loaded(self, slot: ModelSlot) -> ModelNotLoadedError:
+        return ModelNotLoadedError(
+            f"The model '{slot.name}' is not loaded and this server does not load models on demand "
+            f"(--no-autoload); load it from the admin page or POST /admin/api/models/{slot.name}/load",
+            retry_after=self.settings.retry_after,
+        )
+
+    async def _hold(self, reservation: Reservation) -> None:
+        slot = reservation.slot
+        while not slot.is_loaded:  # loaded, or unloaded again meanwhile
+            # The load runs as a task of its own: a client that leaves does not abandon a half-done load.
+            await asyncio.shield(self._load_for_requests(slot))
+        slot.queue.holds += 1  # no await since the check: an unload cannot have started in between
+        reservation.model, reservation.holding = slot.model, True
+
+    def _load_for_requests(self, slot: ModelSlot) -> asyncio.Future[None]:
+        if slot.pending_load is None or slot.pending_load.done():
+            slot.pending_load = self._spawn(self._load(slot, None))
+        return slot.pending_load
+
+    async def _turn(self, reservation: Reservation) -> Lease:
+        """Wait for the reservation's turn, first in line with a free place on the loaded model. The request
+        timeout counts from here, waiting and generating; the load before it does not count, so that a big
+        model's first request does not time out while it loads."""
+        slot, queue = reservation.slot, reservation.slot.queue
+        if reservation.holding:
+            queue.holds -= 1
+            reservation.holding = False
+        ticket = reservation.ticket = object()
+        failures_seen = slot.failures
+        timeout = self.settings.request_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout > 0 else None
+        async with slot.changed:
+            queue.waiting.append(ticket)
+            slot.changed.notify_all()  # also for the hold it gave up, which an unload may wait on
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._wait_turn(slot, ticket, failures_seen)
+            except TimeoutError:
+                raise RequestTimeoutError(self._timeout_message(timeout, "waiting for its turn on the model")) from None
+            assert slot.model is not None
+            lease = reservation.lease = queue.start(ticket, slot.model)
+            reservation.ticket = None
+            slot.last_used = time.time()
+            slot.changed.notify_all()
+        reservation.started = time.monotonic()
+        if deadline is not None:
+            timed_out = RequestTimeoutError(self._timeout_message(timeout, "generating"))
+            reservation.expiry = loop.call_at(deadline, lease.stop, timed_out)
+        return lease
+
+    @staticmethod
+    def _timeout_message(timeout: float, where: str) -> str:
+        return f"The request was ended after {timeout:g} s {where}: the server's request timeout (--request-timeout)"
+
+    async def _wait_turn(self, slot: ModelSlot, ticket: object, failures_seen: int) -> None:
+        """Wait, holding ``slot.changed``, until the ticket may start; start a load when nobody has."""
+        while True:
+            if self._closing:
+                raise ServerShuttingDownError("The server is shutting down", retry_after=self.settings.retry_after)
+            if slot.queue.waiting[0] is ticket:
+                if slot.is_loaded and slot.queue.can_start(ticket):
+                    return
+                if slot.state == ModelState.FAILED and slot.failures != failures_seen:
+                    raise ModelLoadError(slot.error or "The model failed to load")
+                if slot.state in (ModelState.UNLOADED, ModelState.FAILED):  # unloaded while this one waited
+                    if not self.settings.autoload:
+                        raise self._not_loaded(slot)
+                    if slot.pending_load is None or slot.pending_load.done():
+                        failures_seen = slot.failures
+                        self._load_for_requests(slot)
+            await slot.changed.wait()
+
+    def _end(self, reservation: Reservation) -> None:
+        """Release everything a reservation holds. Synchronous, so that a cancelled request cannot skip it."""
+        slot, queue, lease = reservation.slot, reservation.slot.queue, reservation.lease
+        if reservation.holding:
+            queue.holds -= 1
+        if reservation.ticket is not None and reservation.ticket in queue.waiting:
+            queue.waiting.remove(reservation.ticket)
+        if reservation.expiry is not None:
+            reservation.expiry.cancel()
+        if lease is not None:
+            queue.running.discard(lease)
+            slot.last_used = time.time()
+            slot.requests_served += 1
+            slot.recent.append((lease.tokens, time.monotonic() - reservation.started))
+            if self.metrics is not None:
+                self.metrics.tokens.labels(slot.name).inc(lease.tokens)
+        queue.admitted -= 1
+        self._announce(slot)
+
+    # --- load and unload -----------------------------------------------------------------------------
+
+    async def load(self, name: str, override: Mapping[str, Any] | None = None) -> ModelSlot:
+        """Load a model (no-op when it is loaded with the same placement); raises the load's error."""
+        slot = self.slot(name)
+        override = dict(override or {})
+        backend_of(slot.spec).check_placement(override)
+        await self._load(slot, override)
+        return slot
+
+    async def _load(self, slot: ModelSlot, override: dict[str, Any] | None) -> None:
+        async with slot.transition:
+            if slot.state == ModelState.LOADED:
+                if override is not None and override != slot.override:
+                    raise PlacementConflictError(
+                        f"The model '{slot.name}' is loaded with placement {slot.override or 'from its entry'}; "
+                        "unload it before loading it with another"
+                    )
+                return
+            spec = ModelSpec.from_dict({**slot.spec.to_dict(), **override}) if override else slot.spec
+            await self.residency.make_room(slot)  # and marks the slot LOADING
+            started = time.monotonic()
+            model = self._factory(spec, self.options)
+            try:
+                await asyncio.to_thread(model.load)
+            except BaseException as exc:
+                message = exc.message if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+                logger.warning("%s: load failed: %s", slot.name, message)
+                if self.metrics is not None:
+                    self.metrics.load_failures.labels(slot.name).inc()
+                async with slot.changed:
+                    slot.state = ModelState.FAILED
+                    slot.error, slot.error_at = message, time.time()
+                    slot.failures += 1
+                    slot.changed.notify_all()
+                await self.residency.notify()
+                raise
+            async with slot.changed:
+                slot.model = model
+                slot.override = dict(override or {})
+                slot.state = ModelState.LOADED
+                slot.error = slot.error_at = None
+                slot.loaded_at, slot.load_seconds = time.time(), round(time.monotonic() - started, 3)
+                slot.last_used = slot.last_used or slot.loaded_at
+                slot.changed.notify_all()
+            logger.info("%s: loaded in %.1f s", slot.name, slot.load_seconds)
+            if self.metrics is not None:
+                self.metrics.load_seconds.labels(slot.name).observe(slot.load_seconds)
+        await self.residency.notify()  # a load waiting for room may now evict this one once it is idle
+        await self.residency.evict_over_budget(keep=slot)
+
+    async def unload(self, name: str, timeout: float | None = None) -> ModelSlot:
+        """Unload a model once its running requests finish (stopped after ``timeout``); a failed model is reset."""
+        slot = self.slot(name)
+        await self._unload(slot, self.settings.unload_timeout if timeout is None else timeout)
+        return slot
+
+    async def _evict_if_idle(self, slot: ModelSlot) -> None:
+        await self._unload(slot, self.settings.unload_timeout, only_if_idle=True)
+
+    async def _unload(self, slot: ModelSlot, timeout: float, *, only_if_idle: bool = False) -> None:
+        async with slot.transition:
+            if only_if_idle and slot.queue.busy:
+                return  # a request came in since the model was picked
+            if slot.state == ModelState.FAILED:
+                async with slot.changed:
+                    slot.state = ModelState.UNLOADED
+                    slot.error = slot.error_at = None
+                    slot.changed.notify_all()
+                return
+            if slot.state != ModelState.LOADED:
+                return
+            await slot.set_state(ModelState.UNLOADING)
+            unloaded = ModelUnloadedError(f"The model '{slot.name}' was unloaded while this request was generating")
+            await self._finish_or_stop(slot, timeout, unloaded)
+            model, slot.model = slot.model, None
+            if model is not None:
+                await asyncio.to_thread(model.unload)
+                del model
+                gc.collect()
+            async with slot.changed:
+                slot.state = ModelState.UNLOADED
+                slot.override = {}
+                slot.loaded_at = slot.load_seconds = None
+                slot.changed.notify_all()
+            logger.info("%s: unloaded", slot.name)
+        await self.residency.notify()
+
+    async def _finish_or_stop(self, slot: ModelSlot, timeout: float, reason: ManagerError) -> None:
+        """Wait up to ``timeout`` for the slot's running requests (and prompts being prepared on it), then stop
+        them with ``reason`` and wait for them to end (within a token)."""
+        queue = slot.queue
+        async with slot.changed:
+            if not queue.in_use:
+                return  # also with timeout 0 (shutdown), where wait_for would time out before looking
+            try:
+                await asyncio.wait_for(slot.changed.wait_for(lambda: not queue.in_use), timeout)
+            except TimeoutError:
+                logger.warning("%s: ending %d running requests: %s", slot.name, len(queue.running), reason.message)
+                for lease in queue.running:
+                    lease.stop(reason)
+                await slot.changed.wait_for(lambda: not queue.in_use)
+
+    # --- idle models, shutdown -----------------------------------------------------------------------
+
+    async def unload_idle(self, now: float | None = None) -> list[str]:
+        """Unload every model that has served nothing for ``idle_unload`` seconds; returns their names."""
+        idle_unload = self.settings.idle_unload
+        if not idle_unload:
+            return []
+        now = time.time() if now is None else now
+        expired = [
+            s
+            for s in self._slots.values()
+            if s.state == ModelState.LOADED and not s.queue.busy and now - (s.last_used or now) >= idle_unload
+        ]
+        for slot in expired:
+            logger.info("%s: idle for %.0f s; unloading", slot.name, now - (slot.last_used or now))
+            await self._unload(slot, self.settings.unload_timeout, only_if_idle=True)
+        return [s.name for s in expired]
+
+    async def run_idle_unloader(self) -> None:
+        """Background task: checks for idle models a few times per ``idle_unload`` period."""
+        interval = min(max(self.settings.idle_unload / 4, 0.01), 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.unload_idle()
+            except Exception:
+                logger.exception("idle unload failed")
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: refuse new requests (503), let running ones finish for up to ``timeout`` seconds,
+        then end the rest with a clear error. Queued requests are refused at once."""
+        self._closing = True
+        for slot in self._slots.values():
+            async with slot.changed:
+                slot.changed.notify_all()  # queued requests see the server closing
+        serving = [slot for slot in self._slots.values() if slot.queue.running]
+        logger.info("draining: %d models serving, waiting up to %.0f s", len(serving), timeout)
+        deadline = time.monotonic() + timeout
+        for slot in serving:
+            reason = ServerShuttingDownError("The server is shutting down; this request was ended before it finished")
+            await self._finish_or_stop(slot, max(0.0, deadline - time.monotonic()), reason)
+
+    async def close(self) -> None:
+        """Unload everything (server shutdown)."""
+        self._closing = True
+        for slot in list(self._slots.values()):
+            try:
+                await self._unload(slot, timeout=0)
+            except Exception:
+                logger.exception("%s: unload at shutdown failed", slot.name)

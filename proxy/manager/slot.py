@@ -1,0 +1,81 @@
+"""What the manager knows about one registry name: its load state, the loaded model and its requests.
+
+States: ``unloaded -> loading -> loaded -> unloading -> unloaded``, and ``failed`` with its error (the next
+load or request tries again). Loads and unloads of one model are serialised by ``transition``; every change
+of state or of the request queue is announced on ``changed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from enum import StrEnum
+from typing import Any
+
+from backends import Model, ModelSpec, backend_of
+from proxy.manager.queue import RequestQueue
+
+
+class ModelState(StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+class ModelSlot:
+    def __init__(self, name: str, spec: ModelSpec, max_queue: int) -> None:
+        self.name = name
+        self.spec = spec
+        self.state = ModelState.UNLOADED
+        self.model: Model | None = None
+        self.error: str | None = None
+        self.error_at: float | None = None
+        self.failures = 0  # failed loads so far; a request waiting on a load fails with it, later ones retry
+        self.loaded_at: float | None = None
+        self.load_seconds: float | None = None
+        self.last_used: float | None = None
+        self.requests_served = 0
+        self.recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent generations
+        self.override: dict[str, Any] = {}  # placement keys the current load was given
+        self.queue = RequestQueue(backend_of(spec).concurrency_of(spec), max_queue)
+        self.changed = asyncio.Condition()  # notified on every change of state or of the queue
+        self.transition = asyncio.Lock()  # held by a load or an unload of this model
+        self.pending_load: asyncio.Future[None] | None = None  # a load started on behalf of waiting requests
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.state == ModelState.LOADED and self.model is not None
+
+    @property
+    def model_bytes(self) -> int:
+        info = self.model.load_info() if self.model is not None else {}
+        return int(info.get("model_bytes") or 0)
+
+    async def set_state(self, state: ModelState) -> None:
+        async with self.changed:
+            self.state = state
+            self.changed.notify_all()
+
+    def tokens_per_second(self) -> float | None:
+        tokens = sum(t for t, _ in self.recent)
+        seconds = sum(s for _, s in self.recent)
+        return round(tokens / seconds, 1) if seconds > 0 and tokens else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "error": self.error,
+            "error_at": self.error_at,
+            "loaded_at": self.loaded_at,
+            "load_seconds": self.load_seconds,
+            "last_used": self.last_used,
+            "in_flight": len(self.queue.running),
+            "queued": self.queue.queued,
+            "concurrency": self.queue.concurrency,
+            "requests_served": self.requests_served,
+            "tokens_per_second": self.tokens_per_second(),
+            "override": dict(self.override),
+            "loaded": self.model.load_info() if self.is_loaded and self.model is not None else None,
+        }

@@ -1,0 +1,279 @@
+"""The one serving path of ``/v1/chat/completions`` and ``/v1/completions`` (vLLM's ``OpenAIServing``).
+
+Validate the request (before anything loads), reserve the model, prepare the prompts on it, wait for the
+turn, generate each choice, and answer with one body or an SSE stream that ends with the one trailer: an
+error event if something broke, then ``data: [DONE]``. An endpoint supplies only its request and response
+mapping (``chat``, ``completions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from backends import BackendError, GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from backends.model import TokenLogprob
+from proxy.errors import APIError
+from proxy.generation import generate_text
+from proxy.limits import NO_LIMITS, RequestLimits
+from proxy.manager import Lease, ManagerError, ModelManager
+from proxy.protocol import Usage, encode
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_FINGERPRINT = "clemproxy"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class SamplingRequest(Protocol):
+    """The sampling fields both completion requests share."""
+
+    temperature: float | None
+    top_p: float | None
+    stop: str | list[str] | None
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+
+
+def generation_params(
+    request: SamplingRequest,
+    spec: Mapping[str, Any],
+    *,
+    max_tokens: int | None,
+    logprobs: bool,
+    top_logprobs: int,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> GenerationParams:
+    """A request's settings as the backends take them. Temperature and top_p the request leaves out come from
+    the registry entry, else ``GenerationParams``' own defaults (OpenAI's)."""
+    stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
+    sampling: dict[str, float] = {}
+    for key in ("temperature", "top_p"):
+        value = getattr(request, key)
+        value = spec.get(key) if value is None else value
+        if value is not None:
+            sampling[key] = float(value)
+    return GenerationParams(
+        max_tokens=max_tokens,
+        stop=tuple(stop),
+        seed=request.seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        template_kwargs=dict(template_kwargs or {}),
+        **sampling,
+    )
+
+
+def choice_parameters(params: GenerationParams, n: int) -> list[GenerationParams]:
+    """One parameter set per choice; with a seed, choice i samples with seed + i, so the choices differ but the
+    whole response is reproducible."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + index) for index in range(n)]
+
+
+@dataclass
+class GeneratedChoice:
+    """One choice of a response: the prompt it continues, its settings, and what it generated so far."""
+
+    index: int
+    prompt: PreparedPrompt
+    params: GenerationParams
+    first_of_prompt: bool  # the prompt's tokens count once in the usage, however many choices it has
+    outcome: GenerationOutcome = field(default_factory=GenerationOutcome)
+    text: str = ""  # the cleaned text so far: all of it once generated
+    logprobs_sent: int = 0
+
+    def fresh_logprobs(self) -> list[TokenLogprob]:
+        """Log probabilities not yet sent in a stream chunk."""
+        fresh = self.outcome.logprobs[self.logprobs_sent :]
+        self.logprobs_sent = len(self.outcome.logprobs)
+        return fresh
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """What every chunk of one response repeats."""
+
+    id: str
+    created: int
+    model: str
+
+
+def usage_of(choices: list[GeneratedChoice]) -> Usage:
+    """Each prompt counts once, however many choices were generated from it (as OpenAI counts)."""
+    prompt_tokens = sum(c.outcome.prompt_tokens for c in choices if c.first_of_prompt)
+    completion_tokens = sum(c.outcome.completion_tokens for c in choices)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def sse(event: Any) -> bytes:
+    return b"data: " + encode(event) + b"\n\n"
+
+
+def stream_error(name: str, exc: Exception) -> bytes:
+    """The one SSE event that ends a stream which broke after it had started; ``[DONE]`` follows it.
+
+    Called from an ``except`` block, so that an unforeseen error is logged with its traceback.
+    """
+    if isinstance(exc, APIError):
+        logger.warning("%s: stream ended early: %s", name, exc.message)
+        error = exc
+    elif isinstance(exc, ManagerError | BackendError):
+        logger.warning("%s: stream ended early: %s", name, exc.message)
+        error = APIError.of(exc)
+    else:
+        logger.exception("%s: generation failed mid-stream", name)
+        error = APIError(500, f"Generation failed ({type(exc).__name__}); see the server log", code="internal_error")
+    return sse(error.body())
+
+
+RequestT = TypeVar("RequestT", bound="CompletionRequestLike")
+InputT = TypeVar("InputT")
+ResponseT = TypeVar("ResponseT")
+
+
+class CompletionRequestLike(SamplingRequest, Protocol):
+    model: str
+    n: int | None
+    stream_options: Any
+
+
+class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
+    """The shared path; subclasses map one endpoint's request (to settings and prompt input) and response."""
+
+    id_prefix: ClassVar[str]
+
+    def __init__(self, manager: ModelManager, limits: RequestLimits = NO_LIMITS, metrics: Any = None) -> None:
+        self.manager = manager
+        self.limits = limits
+        self.metrics = metrics  # proxy.metrics.Metrics, when the app keeps metrics
+
+    # --- what an endpoint supplies -------------------------------------------------------------------
+
+    @abstractmethod
+    def parameters(self, request: RequestT, spec: Mapping[str, Any]) -> tuple[GenerationParams, InputT]:
+        """Validate the request: its generation settings, and what its prompts are made from (messages, texts).
+        Runs before any model is loaded."""
+
+    @abstractmethod
+    def prompts(self, model: Model, inputs: InputT, params: GenerationParams) -> list[PreparedPrompt]:
+        """Render and tokenise the request's prompts (on a worker thread, the model held loaded)."""
+
+    @abstractmethod
+    def response(self, request: RequestT, head: ResponseHead, choices: list[GeneratedChoice]) -> ResponseT:
+        """The whole answer."""
+
+    @abstractmethod
+    def start_events(self, request: RequestT, head: ResponseHead, choice: GeneratedChoice) -> list[Any]:
+        """Chunks that open a choice in a stream (the assistant role, an echoed prompt)."""
+
+    @abstractmethod
+    def delta_event(self, request: RequestT, head: ResponseHead, choice: GeneratedChoice, delta: str) -> Any:
+        """The chunk for one text delta; ``choice.text`` is still the text before it."""
+
+    @abstractmethod
+    def end_event(self, request: RequestT, head: ResponseHead, choice: GeneratedChoice) -> Any:
+        """The chunk that ends a choice, with its finish reason."""
+
+    @abstractmethod
+    def usage_event(self, request: RequestT, head: ResponseHead, usage: Usage) -> Any:
+        """The last chunk, with the usage, when ``stream_options.include_usage`` asks for it."""
+
+    # --- the path ------------------------------------------------------------------------------------
+
+    def _head(self, request: RequestT) -> ResponseHead:
+        return ResponseHead(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), request.model)
+
+    def _validated(self, request: RequestT) -> tuple[GenerationParams, InputT]:
+        # Request errors first: a bad request never makes the server load a model.
+        return self.parameters(request, self.manager.slot(request.model).spec)
+
+    async def _choices(
+        self, model: Model, request: RequestT, params: GenerationParams, inputs: InputT
+    ) -> list[GeneratedChoice]:
+        prompts = await asyncio.to_thread(self.prompts, model, inputs, params)
+        choices: list[GeneratedChoice] = []
+        for prompt in prompts:
+            for index, choice_params in enumerate(choice_parameters(params, request.n or 1)):
+                choices.append(GeneratedChoice(len(choices), prompt, choice_params, first_of_prompt=index == 0))
+        return choices
+
+    async def complete(self, request: RequestT) -> ResponseT:
+        params, inputs = self._validated(request)
+        head = self._head(request)
+        async with self.manager.reserve(request.model) as reservation:
+            assert reservation.model is not None
+            choices = await self._choices(reservation.model, request, params, inputs)
+            lease = await reservation.turn()
+            for choice in choices:
+                async with aclosing(self._generate(request.model, lease, choice)) as deltas:
+                    choice.text = "".join([delta async for delta in deltas])
+        if error := lease.error():
+            raise error
+        return self.response(request, head, choices)
+
+    async def stream(self, request: RequestT) -> AsyncIterator[bytes]:
+        """Validate, reserve and prepare now, so that refusals and bad prompts are HTTP errors before the
+        response starts; then return the SSE body, which waits for the turn and generates."""
+        params, inputs = self._validated(request)
+        events = self._events(request, params, inputs)
+        await anext(events)  # runs up to the first yield; a started generator is closed even if never read again
+        return events
+
+    async def _events(self, request: RequestT, params: GenerationParams, inputs: InputT) -> AsyncGenerator[bytes, None]:
+        head = self._head(request)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        async with self.manager.reserve(request.model) as reservation:
+            assert reservation.model is not None
+            choices = await self._choices(reservation.model, request, params, inputs)
+            yield b""  # ready: ``stream`` takes this one, the client never sees it
+            try:
+                # Waiting for the turn happens after the headers: a client that leaves while queued closes this
+                # generator, which takes it out of the queue. With n > 1 the choices come one after the other.
+                lease = await reservation.turn()
+                for choice in choices:
+                    for event in self.start_events(request, head, choice):
+                        yield sse(event)
+                    async with aclosing(self._generate(request.model, lease, choice)) as deltas:
+                        async for delta in deltas:
+                            yield sse(self.delta_event(request, head, choice, delta))
+                            choice.text += delta
+                    if error := lease.error():
+                        raise error
+                    yield sse(self.end_event(request, head, choice))
+                if include_usage:
+                    yield sse(self.usage_event(request, head, usage_of(choices)))
+            except Exception as exc:
+                yield stream_error(request.model, exc)
+        yield DONE_EVENT
+
+    async def _generate(self, name: str, lease: Lease, choice: GeneratedChoice) -> AsyncGenerator[str, None]:
+        """One choice's generation under the lease: it stops when the lease is stopped, records its time to
+        the first delta, and counts its tokens on the lease, also for a client that left mid-stream."""
+        started = time.monotonic()
+        first = True
+        outcome = choice.outcome
+        try:
+            generation = generate_text(lease.model, choice.prompt, choice.params, outcome, lease.cancel_event())
+            async with aclosing(generation) as deltas:
+                async for delta in deltas:
+                    if first and self.metrics is not None:
+                        self.metrics.first_token.labels(name).observe(time.monotonic() - started)
+                    first = False
+                    yield delta
+        finally:
+            lease.tokens += outcome.completion_tokens
