@@ -11,7 +11,7 @@ import re
 import time
 from typing import Any
 
-from backends import ModelRegistry
+from backends import BACKENDS, ModelRegistry
 from backends.weights import local_copy
 from proxy.admin_api import entry_view, process_rss_bytes
 from proxy.manager import ModelManager
@@ -19,24 +19,17 @@ from proxy.manager import ModelManager
 
 @functools.lru_cache(maxsize=1)
 def gpu_summary() -> dict[str, Any]:
-    """Which backend can use a GPU here; asked once (importing torch takes a moment)."""
-    summary: dict[str, Any] = {"torch_cuda": False, "llamacpp_offload": False, "names": []}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            summary["torch_cuda"] = True
-            summary["names"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        pass
-    try:
-        import llama_cpp
-
-        summary["llamacpp_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
-    except ImportError:
-        pass
-    summary["present"] = summary["torch_cuda"] or summary["llamacpp_offload"]
-    return summary
+    """Which backend can use a GPU here, as each backend class tells; asked once (importing torch takes a
+    moment). A backend whose library is missing has no GPU."""
+    backends: dict[str, bool] = {}
+    names: list[str] = []
+    for backend, kind in BACKENDS.items():
+        try:
+            backends[backend] = kind.gpu_available()
+            names += [name for name in kind.gpu_names() if name not in names]
+        except ImportError:
+            backends[backend] = False
+    return {"backends": backends, "names": names, "present": any(backends.values())}
 
 
 def row_id(name: str) -> str:
@@ -67,7 +60,7 @@ def human_age(timestamp: float | None, now: float) -> str:
 
 def gpu_backend(backend: str | None, gpu: dict[str, Any]) -> bool:
     """Whether this entry's backend can put layers on a GPU on this machine."""
-    return bool(gpu["llamacpp_offload"] if backend == "llamacpp" else gpu["torch_cuda"])
+    return bool(gpu["backends"].get(backend or "", False))
 
 
 def placement_asked(view: dict[str, Any]) -> str:

@@ -17,13 +17,11 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from backends import ModelRegistry, RegistryEntry
-from backends.placement import requested_gpu_layers
+from backends.placement import PLACEMENT_KEYS, requested_gpu_layers
 from proxy.errors import APIError
 from proxy.manager import ModelManager, ModelSlot
 from proxy.security import Access, requires
 from proxy.settings import total_memory_bytes
-
-PLACEMENT_KEYS = ("execute_on", "gpu_layers_offloaded")
 
 
 def process_rss_bytes() -> int:
