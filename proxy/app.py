@@ -52,8 +52,9 @@ class Services:
     def build(
         cls, settings: Settings, registry: ModelRegistry | None = None, model_factory: ModelFactory | None = None
     ) -> Services:
-        """The registry is read here, so that a missing or unreadable file fails before serving. Key files must
-        have been read already (``AccessSettings.with_key_files_read``), as the CLI does."""
+        """The registry and the key files are read here, so that a missing or unreadable one fails before
+        serving (the CLI reads the key files first, to report a bad one and to redact the keys in its log)."""
+        keys = settings.access.with_key_files_read()
         registry = registry if registry is not None else ModelRegistry.from_sources(settings.server.registry)
         for entry in registry:
             if entry.errors:
@@ -75,8 +76,8 @@ class Services:
             manager=manager,
             metrics=metrics,
             access=AccessControl(
-                api_keys=settings.access.api_key,
-                admin_keys=settings.access.admin_key,
+                api_keys=keys.api_key,
+                admin_keys=keys.admin_key,
                 bind_host=settings.server.host,
                 allowed_hosts=settings.access.allowed_host,
                 cors_origins=settings.access.cors_origin,

@@ -105,7 +105,7 @@ def handle_api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[Any]:
 
 
 def handle_status_error(_: Request[Any, Any, Any], exc: BackendError | ManagerError) -> Response[Any]:
-    if exc.status >= 500 and exc.status != 503:
+    if isinstance(exc, BackendError) and exc.status >= 500:  # a model that failed; the manager's are refusals
         logger.error("%s: %s", type(exc).__name__, exc.message)
     return error_response(APIError.of(exc))
 

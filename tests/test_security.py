@@ -22,10 +22,20 @@ import httpx
 import openai
 import pytest
 
+from backends import ModelRegistry
 from proxy.cli import parse_serve
 from proxy.security import RedactingFormatter, host_name, is_loopback
-from proxy.settings import read_key_file
-from tests.support import SMOL, AdminSession, ServerProcess, csrf_token_in, free_port, smol_entry, write_registry
+from proxy.settings import Settings, read_key_file
+from tests.support import (
+    SMOL,
+    AdminSession,
+    RunningServer,
+    ServerProcess,
+    csrf_token_in,
+    free_port,
+    smol_entry,
+    write_registry,
+)
 
 API_KEY = f"sk-planted-api-{secrets.token_hex(12)}"
 ADMIN_KEY = f"planted-admin-{secrets.token_hex(12)}"
@@ -351,6 +361,15 @@ def test_keys_come_from_flags_the_environment_and_files(monkeypatch: pytest.Monk
     assert settings.access.with_key_files_read().api_key == ("from-flag", "from-file")  # an empty key is no key
     monkeypatch.setenv("CLEMPROXY_ADMIN_KEY", "env-one, env-two")
     assert parse_serve([]).access.with_key_files_read().admin_key == ("env-one", "env-two")
+
+
+def test_key_files_guard_a_server_built_without_the_cli(tmp_path: Path) -> None:
+    """create_app reads the key files itself: settings naming one never give an open server."""
+    (tmp_path / "keys.txt").write_text("file-key\n", encoding="utf-8")
+    settings = Settings.of(api_key_file=(tmp_path / "keys.txt",))
+    with RunningServer(ModelRegistry.from_list([smol_entry()]), settings) as server:
+        assert_error(httpx.get(f"{server.base_url}/v1/models"), 401, "missing_api_key")
+        assert httpx.get(f"{server.base_url}/v1/models", headers=bearer("file-key")).status_code == 200
 
 
 def test_access_flags_and_their_environment(monkeypatch: pytest.MonkeyPatch) -> None:
