@@ -68,6 +68,22 @@ class ModelLoadError(BackendError):
     code = "model_load_failed"
 
 
+class GenerationError(BackendError):
+    """A generation that started could not go on (the engine failed); the message says why."""
+
+    status = 500
+    error_type = "server_error"
+    code = "generation_failed"
+
+
+class KVCacheFullError(GenerationError):
+    """The model's KV cache, shared by its concurrent requests, has no room left for this one."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "kv_cache_full"
+
+
 class ContextLengthExceededError(BackendError):
     """Prompt plus requested completion does not fit the model's context window."""
 

@@ -1,27 +1,86 @@
-"""The ``llamacpp`` backend: GGUF models through llama-cpp-python."""
+"""The ``llamacpp`` backend: GGUF models through llama-cpp-python's low-level API.
+
+Loading reads the weights (``llama_model``), the chat template and special tokens from the GGUF metadata,
+and starts a ``LlamaCppEngine``, which decodes every request of the model together in ``parallel`` slots that
+keep each dialogue's cache. Tokenising runs on the caller's thread (llama.cpp's vocabulary is safe to share);
+a generation hands its prompt to the engine and reads its tokens back.
+"""
 
 from __future__ import annotations
 
 import codecs
 import logging
-import random
+import queue
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import Any
 
 from backends.errors import ModelLoadError
-from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt, token_logprob
+from backends.model import GenerationOutcome, GenerationParams, LoadOptions, Model, PreparedPrompt
 from backends.placement import layers_on_gpu, requested_gpu_layers
 from backends.prompting import choose_chat_template, ensure_single_bos
+from backends.spec import parse_context_size
 from backends.weights import find_weight_files
 
 logger = logging.getLogger(__name__)
+
+N_BATCH = 512  # tokens in one decode: a step's generating tokens plus prompt chunks (llama.cpp's n_ubatch)
+
+# llama.cpp's log levels (ggml_log_level) as logging's; llama-cpp-python's own mapping predates DEBUG = 1.
+LLAMA_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+# The KV cache is shared by the slots, so a sequence may in principle be longer than the model was trained
+# for; each request is held to its context window, so llama.cpp's warning about it says nothing here.
+HARMLESS = ("possible training context overflow",)
+_log_callback: Any = None  # referenced, so that ctypes does not free it while llama.cpp holds it
+
+
+def route_llama_log() -> None:
+    """llama.cpp logs through this module's logger, warnings and errors only, instead of printing to stderr."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    llama_logger = logging.getLogger("llama_cpp")
+    pending: list[str] = []
+    last_level = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, _: Any) -> None:
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line
+            last_level[0] = LLAMA_LOG_LEVELS.get(level, logging.DEBUG)
+        pending.append(text.decode("utf-8", errors="replace"))
+        if pending[-1].endswith("\n"):
+            line = "".join(pending).rstrip()
+            pending.clear()
+            if not any(phrase in line for phrase in HARMLESS):
+                llama_logger.log(last_level[0], "%s", line)
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 class LlamaCppModel(Model):
     backend_name = "llamacpp"
     mandatory_keys = ("huggingface_id", "filename", "premade_chat_template", "eos_to_cull")
-    default_concurrency = 1  # a llama.cpp context is not thread-safe
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._model: Any = None  # llama_cpp._internals.LlamaModel
+        self._engine: Any = None  # backends.llamacpp_engine.LlamaCppEngine
+        self._info: dict[str, Any] = {}
+
+    @classmethod
+    def slots_of(cls, spec: Mapping[str, Any], options: LoadOptions) -> int:
+        return int(spec.get("parallel") or options.parallel)
+
+    @classmethod
+    def concurrency_of(cls, spec: Mapping[str, Any], options: LoadOptions) -> int:
+        """One request per slot, unless the entry asks for fewer at once (``concurrency``)."""
+        configured = spec.get("concurrency")
+        return int(configured) if configured else cls.slots_of(spec, options)
 
     @classmethod
     def gpu_available(cls) -> bool:
@@ -30,17 +89,17 @@ class LlamaCppModel(Model):
 
         return bool(llama_cpp.llama_supports_gpu_offload())
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._llm: Any = None
-        self._info: dict[str, Any] = {}
-
     @property
     def is_loaded(self) -> bool:
-        return self._llm is not None
+        return self._engine is not None
 
     def load(self) -> None:
-        from llama_cpp import Llama
+        import llama_cpp
+        from llama_cpp._internals import LlamaModel
+
+        from backends.llamacpp_engine import LlamaCppEngine
+
+        route_llama_log()
 
         files = find_weight_files(self.spec)
         gpu = self.gpu_available()
@@ -49,19 +108,34 @@ class LlamaCppModel(Model):
         if n_gpu_layers != 0 and not gpu:
             warnings.append("GPU offload requested, but this llama.cpp build has no GPU support: running on CPU")
             logger.warning("%s: %s", self.name, warnings[-1])
-        n_ctx = self.context_window(None)
-        logger.info("%s: loading %s (n_gpu_layers=%d, n_ctx=%d)", self.name, files.main, n_gpu_layers, n_ctx)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers  # all of them, as Llama() does
+        logger.info("%s: loading %s (n_gpu_layers=%d)", self.name, files.main, n_gpu_layers)
         try:
-            llm = Llama(model_path=str(files.main), n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verbose=False)
+            model = LlamaModel(path_model=str(files.main), params=params, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {files.main}: {exc}") from exc
-        n_ctx_train = llm._model.n_ctx_train()
-        # llama.cpp may round n_ctx up; the window we enforce is what was asked for.
-        self.context_size = min(self.context_window(n_ctx_train), llm.n_ctx())
+        n_ctx_train = model.n_ctx_train()
+        self.context_size = self.context_window(n_ctx_train)
+        slots = self.slots_of(self.spec, self.options)
+        kv_size = parse_context_size(self.spec["kv_cache_size"]) if "kv_cache_size" in self.spec else None
+        try:
+            engine = LlamaCppEngine(
+                model.model,
+                model.vocab,
+                name=self.name,
+                slots=slots,
+                kv_size=kv_size or slots * self.context_size,  # every slot can hold a whole context
+                n_batch=N_BATCH,
+                threads=self.options.llama_threads(),
+            )
+        except RuntimeError as exc:
+            model.close()  # type: ignore[no-untyped-call]
+            raise ModelLoadError(f"{self.name}: {exc}") from exc
 
-        metadata = llm.metadata
-        bos_token = self.special_token_text(self._token_text(llm, metadata, "bos"), "bos_string")
-        eos_token = self.special_token_text(self._token_text(llm, metadata, "eos"), "eos_string")
+        metadata = model.metadata()
+        bos_token = self.special_token_text(self._token_text(model, metadata, "bos"), "bos_string")
+        eos_token = self.special_token_text(self._token_text(model, metadata, "eos"), "eos_string")
         self.chat_template = choose_chat_template(
             self.spec, metadata.get("tokenizer.chat_template"), bos_token=bos_token, eos_token=eos_token
         )
@@ -69,7 +143,7 @@ class LlamaCppModel(Model):
             warnings.append(self.chat_template.warning)
         architecture = metadata.get("general.architecture", "")
         n_layers = int(metadata.get(f"{architecture}.block_count", 0) or 0)
-        self._llm = llm
+        self._model, self._engine = model, engine
         self._info = {
             "file": str(files.main),
             "weights_from": files.origin,
@@ -82,91 +156,89 @@ class LlamaCppModel(Model):
             "layers_total": n_layers + 1 if n_layers else None,
             "layers_on_gpu": layers_on_gpu(n_gpu_layers, n_layers + 1) if gpu and n_layers else 0,
             "device": "gpu" if gpu and n_gpu_layers != 0 else "cpu",
-            "model_bytes": llm._model.size(),
-            "parameters": llm._model.n_params(),
+            "model_bytes": model.size(),
+            "parameters": model.n_params(),
             "warnings": warnings,
         }
-        logger.info("%s: loaded (%s template, context %d)", self.name, self.chat_template.origin, self.context_size)
+        logger.info(
+            "%s: loaded (%s template, context %d, %d slots sharing %d cached tokens, %d threads)",
+            self.name,
+            self.chat_template.origin,
+            self.context_size,
+            slots,
+            engine.kv_size,
+            engine.threads,
+        )
 
     @staticmethod
-    def _token_text(llm: Any, metadata: dict[str, str], which: str) -> str | None:
+    def _token_text(model: Any, metadata: dict[str, str], which: str) -> str | None:
         token_id = metadata.get(f"tokenizer.ggml.{which}_token_id")
         if token_id is not None and int(token_id) >= 0:
-            return str(llm._model.token_get_text(int(token_id)))
+            return str(model.token_get_text(int(token_id)))
         return None
 
     def load_info(self) -> dict[str, Any]:
-        return dict(self._info)
+        engine = self._engine
+        return {**self._info, **(engine.describe() if engine is not None else {})}
 
     def unload(self) -> None:
-        llm, self._llm = self._llm, None
-        if llm is not None:
-            llm.close()
+        engine, self._engine = self._engine, None
+        model, self._model = self._model, None
+        if engine is not None:
+            engine.close()
+        if model is not None:
+            model.close()
         self.chat_template = None
 
     def tokenize_prompt(self, text: str) -> list[int]:
-        llm = self._require_loaded()
-        token_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        return ensure_single_bos(token_ids, llm.token_bos(), llm._model.add_bos_token())
+        model = self._require_loaded()
+        token_ids = model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return ensure_single_bos(token_ids, model.token_bos(), model.add_bos_token())
 
     def generate_tokens(
         self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome
     ) -> Generator[str, None, None]:
         import llama_cpp
 
-        llm = self._require_loaded()
-        # Without an explicit seed llama-cpp-python reuses one fixed seed; draw a fresh one so sampling varies.
-        llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        history = list(prompt.token_ids)
+        from backends.llamacpp_engine import EngineRequest, token_piece
+
+        model = self._require_loaded()
+        engine = self._engine
         outcome.finish_reason = "length"
         if prompt.max_tokens <= 0:
             return
-        scores: list[Any] = []  # the logits each token was sampled from, kept only when logprobs are asked for
-
-        def capture(_: Any, logits: Any) -> Any:
-            scores[:] = [logits.copy()]
-            return logits
-
-        # OpenAI semantics: temperature and top_p only, so top_k and min_p are switched off.
-        tokens = llm.generate(
-            prompt.token_ids,
-            temp=params.temperature,
-            top_p=params.top_p,
-            top_k=0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            reset=True,
-            logits_processor=llama_cpp.LogitsProcessorList([capture]) if params.logprobs else None,
-        )
+        request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel)
+        engine.submit(request)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
-            for token in tokens:
-                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                    outcome.finish_reason = "stop"
+            while True:
+                try:
+                    event = request.events.get(timeout=1.0)
+                except queue.Empty:
+                    if not engine.alive:
+                        raise RuntimeError(f"{self.name}: the llama.cpp engine stopped") from None
+                    continue
+                outcome.cached_tokens = request.cached_tokens
+                if event.token is None:  # the end
+                    if event.error is not None and not cancel.is_set():
+                        raise event.error
+                    outcome.finish_reason = "stop" if event.finish_reason == "stop" else "length"
                     break
-                if params.logprobs and scores:
-                    outcome.logprobs.append(
-                        token_logprob(
-                            scores[0], token, params.top_logprobs, lambda i: llm.detokenize([i], special=True)
-                        )
-                    )
-                piece = llm.detokenize([token], prev_tokens=history, special=False)
-                history.append(token)
                 outcome.completion_tokens += 1
-                text = decoder.decode(piece)
+                if event.logprob is not None:
+                    outcome.logprobs.append(event.logprob)
+                text = decoder.decode(token_piece(llama_cpp, model.vocab, event.token))
                 if text:
                     yield text
-                if outcome.completion_tokens >= prompt.max_tokens or cancel.is_set():
+                if cancel.is_set():  # tokens the engine decoded meanwhile are not the client's any more
                     break
         finally:
-            tokens.close()
+            request.abandoned.set()  # a reader that stops early (a stop string, a client gone) frees the slot
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
 
     def _require_loaded(self) -> Any:
-        if self._llm is None:
+        if self._model is None:
             raise RuntimeError(f"{self.name} is not loaded")
-        return self._llm
+        return self._model

@@ -8,6 +8,7 @@ context-length check, output cleaning, usage bookkeeping) live here, once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -25,9 +26,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Server-wide settings a backend needs at load time."""
+    """Server-wide settings a backend needs at load time; an entry's own keys take precedence. Each is a flag
+    of ``clemproxy serve`` too (its help is here), with a ``CLEMPROXY_*`` variable."""
 
-    context_size: int = 4096  # used when the entry sets no context_size; capped at the model's own
+    context_size: int = field(
+        default=4096,
+        metadata={"help": "context window for entries without context_size; capped at the model's trained length"},
+    )
+    parallel: int = field(
+        default=4,
+        metadata={
+            "help": "sequence slots of a llama.cpp model, for entries without parallel: requests decoded together, "
+            "each slot keeping its last dialogue's cache"
+        },
+    )
+    threads: int = field(
+        default=0, metadata={"help": "CPU threads llama.cpp decodes with; 0: every core of this machine"}
+    )
+
+    def llama_threads(self) -> int:
+        return self.threads if self.threads > 0 else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,7 @@ class GenerationOutcome:
     completion_tokens: int = 0
     finish_reason: str = "length"  # "stop" (end of sequence or stop string) or "length"
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
+    cached_tokens: int = 0  # of the prompt, taken from the cache of an earlier request instead of computed
 
 
 class Model(ABC):
@@ -112,7 +131,7 @@ class Model(ABC):
     placement_keys: ClassVar[Mapping[str, Callable[[Any], bool]]] = PLACEMENT_KEYS  # what a load may override
 
     @classmethod
-    def concurrency_of(cls, spec: Mapping[str, Any]) -> int:
+    def concurrency_of(cls, spec: Mapping[str, Any], options: LoadOptions) -> int:
         configured = spec.get("concurrency")
         if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
             return configured

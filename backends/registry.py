@@ -105,6 +105,8 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gguf_file": (_is_str, "a string (GGUF file name)"),
     "python_package": (_is_str, "a string (name of an installed Python distribution)"),
     "concurrency": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "parallel": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64, "an integer from 1 to 64"),
+    "kv_cache_size": (_is_context_size, 'a positive integer or a size like "16k"'),
     "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
 }

@@ -16,7 +16,7 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.plugins import InitPluginProtocol
 
-from backends import LoadOptions, ModelRegistry, create_model
+from backends import ModelRegistry, create_model
 from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
 from proxy.chat import ChatCompletionService
@@ -66,8 +66,9 @@ class Services:
                     "; ".join(str(p) for p in entry.errors),
                 )
         metrics = Metrics()
-        options = LoadOptions(context_size=settings.manager.context_size)
-        manager = ModelManager(registry, options, model_factory or create_model, settings.manager, metrics=metrics)
+        manager = ModelManager(
+            registry, settings.models, model_factory or create_model, settings.manager, metrics=metrics
+        )
         metrics.watch(manager)
         limits = RequestLimits(settings.limits)
         return cls(

@@ -72,7 +72,7 @@ def option_for(setting: dataclasses.Field[Any], hint: Any) -> click.Option:
     """The flag of one settings field, typed, with its default and help from the field."""
     meta = setting.metadata
     flag = "--" + setting.name.replace("_", "-")
-    common: dict[str, Any] = {"help": meta["help"], "show_envvar": True, "metavar": meta["metavar"]}
+    common: dict[str, Any] = {"help": meta["help"], "show_envvar": True, "metavar": meta.get("metavar")}
     if hint is bool:
         decls = [f"{flag}/--no-{flag[2:]}"] if setting.default else [flag]
         return click.Option([setting.name, *decls], default=setting.default, is_flag=True, **common)
@@ -81,12 +81,13 @@ def option_for(setting: dataclasses.Field[Any], hint: Any) -> click.Option:
         # Registry files are listed in CLEMPROXY_REGISTRY like PATH lists folders (click.Path splits on os.pathsep).
         kind: click.ParamType[Any] = click.Path(path_type=Path) if setting.name == "registry" else Listed(element)
         return click.Option([setting.name, flag], type=kind, multiple=True, default=(), **common)
-    if meta["memory"]:
+    if meta.get("memory"):
         shown = human_size(int(setting.default))  # type: ignore[arg-type]
         return click.Option(
             [setting.name, flag], type=MemorySize(), default=setting.default, show_default=shown, **common
         )
-    kind = click.Choice(meta["choices"], case_sensitive=False) if meta["choices"] else click.types.convert_type(hint)
+    choices = meta.get("choices")
+    kind = click.Choice(choices, case_sensitive=False) if choices else click.types.convert_type(hint)
     return click.Option([setting.name, flag], type=kind, default=setting.default, show_default=True, **common)
 
 

@@ -82,10 +82,15 @@ class CompletionRequest(Struct):
     logit_bias: dict[str, float] | None = None
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0  # of the prompt, taken from the cache of an earlier request instead of computed
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = field(default_factory=PromptTokensDetails)
 
 
 class ChatCompletionMessage(Struct):

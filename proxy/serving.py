@@ -25,7 +25,7 @@ from proxy.errors import APIError
 from proxy.generation import generate_text
 from proxy.limits import NO_LIMITS, RequestLimits
 from proxy.manager import Lease, ManagerError, ModelManager
-from proxy.protocol import Usage, encode
+from proxy.protocol import PromptTokensDetails, Usage, encode
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,14 @@ class ResponseHead:
 
 def usage_of(choices: list[GeneratedChoice]) -> Usage:
     """Each prompt counts once, however many choices were generated from it (as OpenAI counts)."""
-    prompt_tokens = sum(c.outcome.prompt_tokens for c in choices if c.first_of_prompt)
+    firsts = [c.outcome for c in choices if c.first_of_prompt]
+    prompt_tokens = sum(outcome.prompt_tokens for outcome in firsts)
     completion_tokens = sum(c.outcome.completion_tokens for c in choices)
     return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(outcome.cached_tokens for outcome in firsts)),
     )
 
 

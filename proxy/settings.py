@@ -1,4 +1,4 @@
-"""Server settings: one frozen object in four groups, declared once.
+"""Server settings: one frozen object in five groups, declared once.
 
 Each field carries its default and its help; ``proxy.cli`` derives a flag (``--max-queue``) and an environment
 variable (``CLEMPROXY_MAX_QUEUE``) from every field, so a default lives here and nowhere else. Nothing is read
@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+from backends import LoadOptions
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
@@ -92,7 +94,6 @@ class ServerSettings:
 class ManagerSettings:
     """Which models sit in memory, and how requests queue for them."""
 
-    context_size: int = setting(4096, "context window for entries without context_size")
     autoload: bool = setting(True, "load a model on its first request; otherwise an unloaded model answers 503")
     preload: tuple[str, ...] = setting((), "load this model at startup, repeatable", metavar="NAME")
     max_queue: int = setting(16, "requests that may wait per model beyond the running ones; more get 503")
@@ -103,7 +104,10 @@ class ManagerSettings:
         0, "models loaded at once; a load beyond it unloads the least recently used idle one; 0: no bound"
     )
     max_memory: int = setting(
-        0, "memory for loaded model weights, like 8G, 512MiB or 50% of RAM; 0: no bound", metavar="SIZE", memory=True
+        0,
+        "memory for loaded models (weights and KV caches), like 8G, 512MiB or 50% of RAM; 0: no bound",
+        metavar="SIZE",
+        memory=True,
     )
     unload_timeout: float = setting(
         30.0, "how long an unload waits for running requests before ending them", metavar="SECONDS"
@@ -176,12 +180,14 @@ class LimitSettings:
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
+    models: LoadOptions = field(default_factory=LoadOptions)  # the backends' own options, declared there
     manager: ManagerSettings = field(default_factory=ManagerSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
 
     GROUPS: ClassVar[dict[str, type]] = {
         "server": ServerSettings,
+        "models": LoadOptions,
         "manager": ManagerSettings,
         "access": AccessSettings,
         "limits": LimitSettings,

@@ -86,6 +86,8 @@ def test_htmx_load_answers_with_the_row_at_once(page_server: RunningServer, admi
     while "badge-loaded" not in get(page_server, f"/admin/rows/{SMOL}").text:
         assert time.monotonic() < deadline, "the load did not finish"
         time.sleep(0.05)
+    row = get(page_server, f"/admin/rows/{SMOL}").text
+    assert "slots 0/4 in use · 0 tokens cached of 16,384 (377.5 MB)" in row  # the engine's slots and KV cache
     unloaded = post(admin, f"/admin/models/{SMOL}/unload", headers=HX).text
     assert "badge-unload" in unloaded  # unloading… or unloaded
 

@@ -21,7 +21,9 @@ PARAMS = GenerationParams(max_tokens=3, temperature=0)
 
 
 def manager_with(fakes: FakeModels, **settings: Any) -> ModelManager:
-    registry = ModelRegistry.from_list([smol_entry(A), smol_entry(B), smol_entry("pair", concurrency=2)])
+    registry = ModelRegistry.from_list(
+        [smol_entry(A, parallel=1), smol_entry(B, parallel=1), smol_entry("pair", parallel=2)]
+    )
     return ModelManager(registry, LoadOptions(), fakes, ManagerSettings(**settings))
 
 

@@ -36,12 +36,14 @@ from tests.support import (
 )
 
 OTHER = "smol-other"  # a second llama.cpp model: the same file under another name
+SOLO = "smol-solo"  # one slot: one request at a time, the others wait in its queue
 
 
 def entries(checkpoint: Path | None = None) -> list[dict[str, Any]]:
     listed = [
         smol_entry(),
         smol_entry(OTHER),
+        smol_entry(SOLO, parallel=1),
         smol_entry("smol-missing-file", filename="*Q8_0.gguf"),
         smol_entry("broken-entry", eos_to_cull="(unclosed"),
         {"model_name": "remote-model", "backend": "openai", "model_id": "gpt-4o"},
@@ -74,7 +76,7 @@ def srv(tmp_path: Path) -> Iterator[RunningServer]:
 
 def test_every_entry_is_listed_with_its_state(srv: RunningServer) -> None:
     listed = views(srv)
-    assert list(listed) == [SMOL, OTHER, "smol-missing-file", "broken-entry", "remote-model"]
+    assert list(listed) == [SMOL, OTHER, SOLO, "smol-missing-file", "broken-entry", "remote-model"]
     assert listed[SMOL]["state"] == "unloaded" and listed[SMOL]["backend"] == "llamacpp"
     assert listed[SMOL]["placement_default_gpu_layers"] == -1 and listed[SMOL]["loaded"] is None
     assert listed["broken-entry"]["errors"] and not listed["broken-entry"]["servable"]
@@ -129,13 +131,13 @@ def test_failed_load_is_recorded_and_retryable(srv: RunningServer) -> None:
 
 
 def test_concurrent_requests_complete_in_order_untruncated(srv: RunningServer) -> None:
-    expected = client(srv).chat.completions.create(model=SMOL, messages=COUNTING, temperature=0, max_tokens=40)
+    expected = client(srv).chat.completions.create(model=SOLO, messages=COUNTING, temperature=0, max_tokens=40)
     StreamInThread.finished = []
-    streams = [StreamInThread(srv.base_url, "first")]
-    wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
+    streams = [StreamInThread(srv.base_url, "first", model=SOLO)]
+    wait_until(lambda: views(srv)[SOLO]["in_flight"] == 1, "the first request runs")
     for index in range(1, 4):
-        streams.append(StreamInThread(srv.base_url, f"queued-{index}"))
-        wait_until(lambda index=index: views(srv)[SMOL]["queued"] == index, f"{index} requests wait")
+        streams.append(StreamInThread(srv.base_url, f"queued-{index}", model=SOLO))
+        wait_until(lambda index=index: views(srv)[SOLO]["queued"] == index, f"{index} requests wait")
     for stream in streams:
         stream.join()
     assert StreamInThread.finished == ["first", "queued-1", "queued-2", "queued-3"]  # FIFO, one at a time
@@ -146,17 +148,17 @@ def test_concurrent_requests_complete_in_order_untruncated(srv: RunningServer) -
 
 def test_queue_overflow_is_503_with_retry_after(tmp_path: Path) -> None:
     with server(tmp_path, max_queue=1) as srv:
-        running = StreamInThread(srv.base_url, "running", max_tokens=120)
-        wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
-        waiting = StreamInThread(srv.base_url, "waiting")
-        wait_until(lambda: views(srv)[SMOL]["queued"] == 1, "one request waits")
+        running = StreamInThread(srv.base_url, "running", model=SOLO, max_tokens=120)
+        wait_until(lambda: views(srv)[SOLO]["in_flight"] == 1, "the first request runs")
+        waiting = StreamInThread(srv.base_url, "waiting", model=SOLO)
+        wait_until(lambda: views(srv)[SOLO]["queued"] == 1, "one request waits")
         with pytest.raises(openai.APIStatusError) as caught:
-            client(srv).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)
+            client(srv).chat.completions.create(model=SOLO, messages=COUNTING, max_tokens=2)
         assert caught.value.status_code == 503 and caught.value.code == "model_overloaded"
         assert int(caught.value.response.headers["retry-after"]) > 0
         refused = httpx.post(
             f"{srv.base_url}/v1/chat/completions",
-            json={"model": SMOL, "messages": COUNTING, "max_tokens": 2, "stream": True},
+            json={"model": SOLO, "messages": COUNTING, "max_tokens": 2, "stream": True},
             timeout=60,
         )
         assert refused.status_code == 503 and set(refused.json()["error"]) == {"message", "type", "param", "code"}
@@ -164,19 +166,19 @@ def test_queue_overflow_is_503_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_client_leaving_the_queue_is_removed_from_it(srv: RunningServer) -> None:
-    running = StreamInThread(srv.base_url, "running", max_tokens=200)
-    wait_until(lambda: views(srv)[SMOL]["in_flight"] == 1, "the first request runs")
+    running = StreamInThread(srv.base_url, "running", model=SOLO, max_tokens=200)
+    wait_until(lambda: views(srv)[SOLO]["in_flight"] == 1, "the first request runs")
     for stream in (True, False):
-        body = json.dumps({"model": SMOL, "messages": COUNTING, "max_tokens": 5, "stream": stream}).encode()
+        body = json.dumps({"model": SOLO, "messages": COUNTING, "max_tokens": 5, "stream": stream}).encode()
         with socket.create_connection(("127.0.0.1", srv.port)) as raw:
             raw.sendall(
                 b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                 + f"content-length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            wait_until(lambda: views(srv)[SMOL]["queued"] == 1, "the request waits")
-        wait_until(lambda: views(srv)[SMOL]["queued"] == 0, "the request has left the queue")
-        assert views(srv)[SMOL]["in_flight"] == 1  # the running one is untouched
+            wait_until(lambda: views(srv)[SOLO]["queued"] == 1, "the request waits")
+        wait_until(lambda: views(srv)[SOLO]["queued"] == 0, "the request has left the queue")
+        assert views(srv)[SOLO]["in_flight"] == 1  # the running one is untouched
     assert running.join().finish_reasons == ["length"]
 
 
@@ -222,7 +224,8 @@ def test_max_loaded_evicts_the_idle_model_never_a_busy_one(tmp_path: Path) -> No
 
 
 def test_max_memory_evicts_to_stay_within_budget(tmp_path: Path) -> None:
-    with server(tmp_path, max_memory=parse_memory("150M")) as srv:  # one SmolLM2 GGUF is 97 MB
+    # One SmolLM2 GGUF holds 97 MB of weights and, with 4 slots of 4096 tokens, 377 MB of KV cache: one fits.
+    with server(tmp_path, max_memory=parse_memory("700M")) as srv:
         chat = client(srv)
         chat.chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=2)
         chat.chat.completions.create(model=OTHER, messages=COUNTING, max_tokens=2)
@@ -305,7 +308,7 @@ async def test_request_timeout_counts_the_wait_in_the_queue() -> None:
     """A request still queued at its deadline leaves the queue with a 504; the request that holds the model is
     told to stop (its generation checks the lease), and the queue is empty afterwards."""
     manager = ModelManager(
-        ModelRegistry.from_list([smol_entry()]), LoadOptions(), settings=ManagerSettings(request_timeout=0.3)
+        ModelRegistry.from_list([smol_entry(parallel=1)]), LoadOptions(), settings=ManagerSettings(request_timeout=0.3)
     )
     try:
         await manager.load(SMOL)

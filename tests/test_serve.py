@@ -44,7 +44,7 @@ def test_flags_have_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("CLEMPROXY_CONTEXT_SIZE", "2048")
     settings = parse_serve([])
     server = settings.server
-    assert (server.host, server.port, server.log_level, settings.manager.context_size) == (
+    assert (server.host, server.port, server.log_level, settings.models.context_size) == (
         "0.0.0.0",
         9001,
         "debug",

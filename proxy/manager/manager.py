@@ -104,7 +104,9 @@ class ModelManager:
         """The slot of a servable registry name; ``UnknownModelError`` or ``InvalidModelEntryError`` otherwise."""
         slot = self._slots.get(name)
         if slot is None:  # the registry never changes: a name resolved once stays resolved
-            slot = self._slots[name] = ModelSlot(name, self.registry.resolve(name), self.settings.max_queue)
+            slot = self._slots[name] = ModelSlot(
+                name, self.registry.resolve(name), self.options, self.settings.max_queue
+            )
         return slot
 
     def slots(self) -> list[tuple[str, ModelSlot]]:

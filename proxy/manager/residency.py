@@ -1,4 +1,4 @@
-"""Which models may sit in memory at once: a model count and/or a memory budget.
+"""Which models may sit in memory at once: a model count and/or a memory budget (weights and KV caches).
 
 Before a load, the least recently used idle model is unloaded until one more fits; when every other model
 is serving, the load waits for one to become idle rather than cut a request short. After a load whose size
@@ -44,7 +44,7 @@ class Residency:
         if self.max_loaded and len(resident) + adding > self.max_loaded:
             return True
         if self.max_memory:
-            used = sum(s.model_bytes for s in resident) + (exclude.model_bytes if not adding else 0)
+            used = sum(s.memory_bytes for s in resident) + (exclude.memory_bytes if not adding else 0)
             return used > self.max_memory
         return False
 

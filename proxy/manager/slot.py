@@ -12,7 +12,7 @@ from collections import deque
 from enum import StrEnum
 from typing import Any
 
-from backends import Model, ModelSpec, backend_of
+from backends import LoadOptions, Model, ModelSpec, backend_of
 from proxy.manager.queue import RequestQueue
 
 
@@ -25,7 +25,7 @@ class ModelState(StrEnum):
 
 
 class ModelSlot:
-    def __init__(self, name: str, spec: ModelSpec, max_queue: int) -> None:
+    def __init__(self, name: str, spec: ModelSpec, options: LoadOptions, max_queue: int) -> None:
         self.name = name
         self.spec = spec
         self.state = ModelState.UNLOADED
@@ -39,7 +39,7 @@ class ModelSlot:
         self.requests_served = 0
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent generations
         self.override: dict[str, Any] = {}  # placement keys the current load was given
-        self.queue = RequestQueue(backend_of(spec).concurrency_of(spec), max_queue)
+        self.queue = RequestQueue(backend_of(spec).concurrency_of(spec, options), max_queue)
         self.changed = asyncio.Condition()  # notified on every change of state or of the queue
         self.transition = asyncio.Lock()  # held by a load or an unload of this model
         self.pending_load: asyncio.Future[None] | None = None  # a load started on behalf of waiting requests
@@ -50,8 +50,15 @@ class ModelSlot:
 
     @property
     def model_bytes(self) -> int:
+        """The weights in memory."""
         info = self.model.load_info() if self.model is not None else {}
         return int(info.get("model_bytes") or 0)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the loaded model holds: weights, and the KV cache of an engine that keeps one."""
+        info = self.model.load_info() if self.model is not None else {}
+        return int(info.get("model_bytes") or 0) + int(info.get("kv_cache_bytes") or 0)
 
     async def set_state(self, state: ModelState) -> None:
         async with self.changed:

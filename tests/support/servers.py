@@ -166,11 +166,24 @@ class StreamInThread:
 
     finished: ClassVar[list[str]] = []  # labels in completion order, shared by the streams of one test
 
-    def __init__(self, base_url: str, label: str = "stream", model: str = SMOL, max_tokens: int = 40) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        label: str = "stream",
+        model: str = SMOL,
+        max_tokens: int = 40,
+        messages: list[dict[str, str]] | None = None,
+    ) -> None:
         self.label = label
         self.status = 0
         self.lines: list[str] = []
-        self.body = {"model": model, "messages": COUNTING, "temperature": 0, "max_tokens": max_tokens, "stream": True}
+        self.body = {
+            "model": model,
+            "messages": messages or COUNTING,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
         self.url = f"{base_url}/v1/chat/completions"
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

@@ -1,0 +1,477 @@
+"""The llama.cpp engine: one thread owns a context and decodes every active request together, a step at a time.
+
+A context has ``slots`` sequences in one unified KV cache (llama.cpp's ``kv_unified``). Each step decodes one
+token for every generating slot and fills the rest of the batch with chunks of pending prompts, never more
+than ``n_batch`` tokens (more aborts the process), as ``llama-server``'s ``update_slots`` does. A slot keeps
+the tokens of its last request: a new request goes to the idle slot that would lose the least of what it
+holds (one whose history the prompt continues, else an empty one, else the least recently used), and the
+longest prefix any slot holds is copied into it first (``llama_memory_seq_cp``, which in a unified cache only
+marks cells as shared), so a dialogue computes only its new turn and the instances of one game compute
+their rules once. What was reused is the request's ``cached_tokens``.
+
+Requests come in through ``submit`` and their tokens go out through each request's queue; nothing but the
+engine thread touches the context or a sampler. ``ctypes`` releases the GIL while llama.cpp decodes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backends.errors import GenerationError, KVCacheFullError
+from backends.model import GenerationParams, TokenLogprob, token_logprob
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5  # how long an idle engine sleeps between looks at its inbox
+UNLOADED = "The model was unloaded while this request was generating"
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """One generated token (``token``, with ``logprob`` when asked for), or the end of the request."""
+
+    token: int | None = None
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # "stop", "length" or "cancelled", on the last event
+    error: GenerationError | None = None  # why the request could not go on, on the last event
+
+
+@dataclass
+class EngineRequest:
+    """What a request asks of the engine, and the queue its tokens come back on."""
+
+    prompt: tuple[int, ...]
+    max_tokens: int
+    params: GenerationParams
+    cancel: threading.Event = field(default_factory=threading.Event)  # the caller's: client gone, unload, timeout
+    abandoned: threading.Event = field(default_factory=threading.Event)  # the reader stopped reading
+    events: queue.SimpleQueue[EngineEvent] = field(default_factory=queue.SimpleQueue)
+    cached_tokens: int = 0  # of the prompt, found in the cache instead of computed; set when it gets a slot
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set() or self.abandoned.is_set()
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache, in order
+    request: EngineRequest | None = None
+    sampler: Any = None
+    prompt_length: int = 0  # of the last request: a prompt that covers it continues that request's dialogue
+    fed: int = 0  # prompt tokens in the cache so far; all but the last are fed in chunks
+    next_token: int | None = None  # to decode with its logits: the prompt's last token, then each sampled one
+    generated: int = 0
+    output: int = -1  # index in the current batch whose logits this slot samples from
+    last_used: float = 0.0
+    assigned_at: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.request is not None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two lists share; slices compare in C, so a bisection beats a Python loop."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n - 1  # a[:low] == b[:low], a[:high + 1] != b[:high + 1]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+class EngineStats:
+    """Counters for operators (``load_info``), written by the engine thread, read by anyone."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.requests = 0
+        self.kv_full_events = 0
+
+
+class LlamaCppEngine:
+    def __init__(
+        self,
+        model: Any,
+        vocab: Any,
+        *,
+        name: str,
+        slots: int,
+        kv_size: int,
+        n_batch: int = 512,
+        threads: int = 1,
+    ) -> None:
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self.name = name
+        self._model = model
+        self._vocab = vocab
+        self.n_batch = n_batch
+        self.kv_size = kv_size
+        self.threads = threads
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = kv_size
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = slots
+        params.kv_unified = True  # one pool for every slot: a shared prefix is stored once
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {kv_size} tokens for {slots} slots")
+        self.kv_size = llama_cpp.llama_n_ctx(self._ctx)
+        # Keys and values in f16 for every layer and KV head: what the cache holds in memory, near enough.
+        head_dim = llama_cpp.llama_model_n_embd(model) // max(llama_cpp.llama_model_n_head(model), 1)
+        per_token = 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
+        self.kv_bytes = per_token * self.kv_size
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.slots = [Slot(seq_id) for seq_id in range(slots)]
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue[EngineRequest | None] = queue.SimpleQueue()
+        self._pending: deque[EngineRequest] = deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"llamacpp-engine-{name}", daemon=True)
+        self._thread.start()
+
+    # --- from other threads --------------------------------------------------------------------------
+
+    def submit(self, request: EngineRequest) -> None:
+        if self._stopping or not self._thread.is_alive():
+            request.events.put(EngineEvent(finish_reason="cancelled", error=GenerationError(UNLOADED)))
+            return
+        self._inbox.put(request)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """End every request (with an error event), stop the thread and free the context."""
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join()
+        llama_cpp = self._llama
+        for slot in self.slots:
+            self._free_sampler(slot)
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+
+    def describe(self) -> dict[str, Any]:
+        """Slots in use, what each holds in the cache, and how much of the prompts the cache supplied."""
+        slots = list(self.slots)
+        prompt_tokens, cached = self.stats.prompt_tokens, self.stats.cached_tokens
+        return {
+            "slots": len(slots),
+            "slots_in_use": sum(1 for s in slots if s.busy),
+            "slot_cached_tokens": [len(s.cached) for s in slots],
+            "kv_cache_tokens": self.kv_size,
+            "kv_cache_bytes": self.kv_bytes,
+            "prefix_cache_hit_rate": round(cached / prompt_tokens, 3) if prompt_tokens else None,
+            "prompt_tokens_total": prompt_tokens,
+            "cached_tokens_total": cached,
+            "threads": self.threads,
+            "n_batch": self.n_batch,
+        }
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._take_inbox(block=not self._active() and not self._pending)
+                self._drop_cancelled()
+                self._assign_pending()
+                if self._active():
+                    self._step()
+            reason = GenerationError(UNLOADED)
+        except Exception:
+            logger.exception("%s: the llama.cpp engine failed", self.name)
+            reason = GenerationError("The llama.cpp engine failed; see the server log")
+        finally:
+            self._stopping = True
+        self._end_all(reason)
+
+    def _active(self) -> list[Slot]:
+        return [s for s in self.slots if s.busy]
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            while True:
+                if item is None:
+                    self._stopping = True
+                else:
+                    self._pending.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _end_all(self, reason: GenerationError) -> None:
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, "cancelled", error=reason)
+        while self._pending:
+            self._pending.popleft().events.put(EngineEvent(finish_reason="cancelled", error=reason))
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item.events.put(EngineEvent(finish_reason="cancelled", error=reason))
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, "cancelled")
+        kept = [r for r in self._pending if not r.cancelled]
+        for request in self._pending:
+            if request.cancelled:
+                request.events.put(EngineEvent(finish_reason="cancelled"))
+        self._pending = deque(kept)
+
+    def _assign_pending(self) -> None:
+        while self._pending:
+            idle = [s for s in self.slots if not s.busy]
+            if not idle:
+                return
+            self._assign(self._pending.popleft(), idle)
+
+    def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:
+        llama_cpp = self._llama
+        prompt = list(request.prompt)
+        own = {id(s): common_prefix(s.cached, prompt) for s in idle}
+        # Lose the least: the slot whose dialogue the prompt continues (it covers that slot's last prompt; the
+        # answer after it may be re-tokenised), else an empty one, else the least recently used one.
+        continuing = [s for s in idle if s.cached and own[id(s)] >= s.prompt_length]
+        if continuing:
+            slot = max(continuing, key=lambda s: own[id(s)])
+        else:
+            slot = min(idle, key=lambda s: (bool(s.cached), s.last_used))
+        reuse = own[id(slot)]
+        # The longest prefix any slot holds, busy or not, is copied in when it is longer than the slot's own.
+        donor = max(
+            (s for s in self.slots if s is not slot), key=lambda s: common_prefix(s.cached, prompt), default=None
+        )
+        shared = common_prefix(donor.cached, prompt) if donor is not None else 0
+        reuse_limit = len(prompt) - 1  # the last prompt token is always decoded: its logits give the first token
+        if donor is not None and shared > reuse:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            reuse = min(shared, reuse_limit)
+            llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, reuse)
+            slot.cached = list(prompt[:reuse])
+        else:
+            reuse = min(reuse, reuse_limit)
+            if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)  # a model that cannot cut a sequence
+                reuse = 0
+            slot.cached = slot.cached[:reuse]
+        slot.request = request
+        slot.prompt_length = len(prompt)
+        slot.fed = reuse
+        slot.next_token = prompt[-1] if reuse == reuse_limit else None
+        slot.generated = 0
+        slot.assigned_at = time.monotonic()
+        slot.sampler = self._sampler(request.params, request.max_tokens)
+        request.cached_tokens = reuse
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.cached_tokens += reuse
+
+    def _sampler(self, params: GenerationParams, max_tokens: int) -> Any:
+        """A sampler chain for one request: OpenAI's penalties over the generated tokens, then temperature and
+        nucleus (top_p), as the transformers backend samples; greedy at temperature 0."""
+        llama_cpp = self._llama
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if params.presence_penalty or params.frequency_penalty:
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, max(max_tokens, 1), 1.0, params.frequency_penalty, params.presence_penalty
+            )
+            llama_cpp.llama_sampler_chain_add(chain, penalties)
+        if params.temperature == 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        if params.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        # 0xFFFFFFFF asks llama.cpp for a random seed; every other 32-bit value is taken as it is.
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed % 0xFFFFFFFF))
+        return chain
+
+    def _free_sampler(self, slot: Slot) -> None:
+        if slot.sampler is not None:
+            self._llama.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+
+    def _finish(self, slot: Slot, reason: str, error: GenerationError | None = None) -> None:
+        request = slot.request
+        slot.request = None
+        slot.last_used = time.monotonic()
+        self._free_sampler(slot)
+        if request is not None:
+            request.events.put(EngineEvent(finish_reason=reason, error=error))
+
+    # --- one step ------------------------------------------------------------------------------------
+
+    def _add(self, token: int, pos: int, seq_id: int, output: bool) -> int:
+        batch = self._batch
+        i: int = batch.n_tokens
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = output
+        batch.n_tokens = i + 1
+        return i
+
+    def _fill_batch(self, with_prompts: bool) -> tuple[list[Slot], dict[int, tuple[int, int, int | None]]]:
+        """One token for every generating slot, then prompt chunks; returns the slots that sample after the
+        decode, and what each slot had before it, to roll back a decode that failed.
+
+        A prompt's last token is never part of a chunk: it is decoded in the next step, like a generated token,
+        so that the first token's logits come out of the same computation whether the prompt was computed now
+        or found in the cache (a chunk and a single token take different kernels, and a seeded sample must not
+        depend on which one ran).
+        """
+        self._batch.n_tokens = 0
+        sampling: list[Slot] = []
+        before: dict[int, tuple[int, int, int | None]] = {}
+        active = sorted(self._active(), key=lambda s: s.assigned_at)
+        for slot in active:
+            if slot.next_token is not None:
+                before[slot.seq_id] = (len(slot.cached), slot.fed, slot.next_token)
+                slot.output = self._add(slot.next_token, len(slot.cached), slot.seq_id, True)
+                slot.cached.append(slot.next_token)
+                sampling.append(slot)
+        room = self.n_batch - self._batch.n_tokens
+        for slot in active if with_prompts else ():
+            assert slot.request is not None
+            prompt = slot.request.prompt
+            if slot.next_token is not None or room <= 0:
+                continue
+            before[slot.seq_id] = (len(slot.cached), slot.fed, slot.next_token)
+            take = min(room, len(prompt) - 1 - slot.fed)
+            for token in prompt[slot.fed : slot.fed + take]:
+                self._add(token, len(slot.cached), slot.seq_id, False)
+                slot.cached.append(token)
+            slot.fed += take
+            room -= take
+            if slot.fed == len(prompt) - 1:
+                slot.next_token = prompt[-1]
+        return sampling, before
+
+    def _roll_back(self, before: dict[int, tuple[int, int, int | None]]) -> None:
+        for slot in self.slots:
+            if slot.seq_id in before:
+                length, slot.fed, slot.next_token = before[slot.seq_id]
+                del slot.cached[length:]
+
+    def _free_idle_caches(self) -> bool:
+        """Make room in the KV cache: forget what idle slots hold, least recently used first. False if none did."""
+        freed = False
+        for slot in sorted(self.slots, key=lambda s: s.last_used):
+            if not slot.busy and slot.cached:
+                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                slot.cached = []
+                freed = True
+                break
+        return freed
+
+    def _step(self) -> None:
+        llama_cpp = self._llama
+        for with_prompts in (True, False):
+            sampling, before = self._fill_batch(with_prompts)
+            if self._batch.n_tokens == 0:
+                break  # only prompts were waiting, and they did not fit
+            status = llama_cpp.llama_decode(self._ctx, self._batch)
+            if status == 0:
+                self._sample(sampling)
+                return
+            self._roll_back(before)
+            if status != 1:
+                self._resync(before, status)
+                return
+            # No room in the KV cache (llama.cpp left it as it was): forget an idle slot's cache, or else go on
+            # without prompt chunks, so that the generating slots make progress while the prompts wait.
+            self.stats.kv_full_events += 1
+            if self._free_idle_caches():
+                return
+        # Not even that fits: end the request holding the most of the cache, so that the others go on.
+        victim = max(self._active(), key=lambda s: len(s.cached))
+        logger.warning("%s: KV cache full (%d tokens); ending one request", self.name, self.kv_size)
+        self._finish(
+            victim,
+            "cancelled",
+            error=KVCacheFullError(
+                f"The model's KV cache ({self.kv_size} tokens for all requests together) is full, so this "
+                "request could not go on; retry it, or give the entry a larger kv_cache_size"
+            ),
+        )
+        llama_cpp.llama_memory_seq_rm(self._memory, victim.seq_id, -1, -1)
+        victim.cached = []
+
+    def _resync(self, before: dict[int, tuple[int, int, int | None]], status: int) -> None:
+        """After an aborted or failed decode, some ubatches may have been applied: drop those sequences' new
+        cells and end their requests with an error; other slots are untouched."""
+        for slot in self.slots:
+            if slot.seq_id in before and slot.request is not None:
+                length = before[slot.seq_id][0]
+                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, length, -1)
+                self._finish(slot, "cancelled", error=GenerationError(f"llama.cpp failed to decode (status {status})"))
+        logger.error("%s: llama_decode returned %d", self.name, status)
+
+    def _sample(self, sampling: list[Slot]) -> None:
+        llama_cpp = self._llama
+        for slot in sampling:
+            request = slot.request
+            assert request is not None
+            token = int(llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.output))
+            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                self._finish(slot, "stop")
+                continue
+            logprob = None
+            if request.params.logprobs:  # of the model's own distribution: the raw logits, before the sampler
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, slot.output), (self.n_vocab,))
+                logprob = token_logprob(logits, token, request.params.top_logprobs, self._piece_with_specials)
+            slot.generated += 1
+            slot.next_token = token
+            request.events.put(EngineEvent(token=token, logprob=logprob))
+            if slot.generated >= request.max_tokens:
+                self._finish(slot, "length")
+
+    def _piece_with_specials(self, token: int) -> bytes:
+        return token_piece(self._llama, self._vocab, token, special=True)
+
+
+def token_piece(llama_cpp: Any, vocab: Any, token: int, special: bool = False) -> bytes:
+    """The bytes of one token (llama_token_to_piece; vocabulary only, safe from any thread)."""
+    size = 64
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, special)
+        if n >= 0:
+            return buffer.raw[:n]
+        size = -n
