@@ -111,8 +111,25 @@ def decorate(view: dict[str, Any], spec: Any, now: float) -> dict[str, Any]:
         last_used_text=human_age(view.get("last_used"), now),
         gpu_possible=gpu_backend(view["backend"], gpu),
         busy_state=view["state"] in ("loading", "unloading"),
+        **engine_texts(view.get("loaded")),
     )
     return view
+
+
+def engine_texts(loaded: dict[str, Any] | None) -> dict[str, str]:
+    """A batching engine's slots and prefix cache, in words: what is in use, cached, and reused."""
+    if not loaded or not loaded.get("slots"):
+        return {}
+    cached = loaded.get("slot_cached_tokens") or []
+    texts = {
+        "slots_text": f"slots {loaded.get('slots_in_use', 0)}/{loaded['slots']} in use · {sum(cached):,} tokens cached"
+        f" of {loaded.get('kv_cache_tokens', 0):,} ({human_bytes(loaded.get('kv_cache_bytes'))})",
+        "slot_cache_text": ", ".join(f"{n:,}" for n in cached),
+    }
+    rate = loaded.get("prefix_cache_hit_rate")
+    if rate is not None:
+        texts["cache_text"] = f"prefix cache: {rate:.0%} of prompt tokens reused"
+    return texts
 
 
 def page_context(registry: ModelRegistry, manager: ModelManager, query: str = "") -> dict[str, Any]:
