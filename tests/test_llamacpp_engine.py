@@ -138,6 +138,14 @@ def test_interleaved_dialogues_find_their_history_and_share_the_rules(engine_ser
         for before, usage in zip(previous, later, strict=True):
             assert usage.prompt_tokens_details.cached_tokens >= before.prompt_tokens
         previous = later
+    history = dialogues[0]  # and streamed, in the usage chunk
+    history.append({"role": "user", "content": "Last turn: cherry."})
+    chunks = list(
+        client.chat.completions.create(
+            model=SMOL, messages=history, max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= previous[0].prompt_tokens
     stats = info(engine_server, SMOL)
     assert stats["slots"] == 4 and stats["prefix_cache_hit_rate"] > 0
 

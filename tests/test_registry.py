@@ -89,6 +89,9 @@ def test_resolve_unifies_a_partial_spec_with_its_entry() -> None:
         (dict(FLAT, gpu_layers_offloaded="all"), ("error", "gpu_layers_offloaded")),
         (dict(FLAT, context_size="lots"), ("error", "context_size")),
         (dict(FLAT, temperature=5), ("error", "temperature")),
+        (dict(FLAT, parallel=0), ("error", "parallel")),
+        (dict(FLAT, parallel="4"), ("error", "parallel")),
+        (dict(FLAT, kv_cache_size="plenty"), ("error", "kv_cache_size")),
         (dict(NESTED, eos_to_cull="<eos>"), ("error", "eos_to_cull")),  # set differently in both places
         (dict(FLAT, model_config=["not", "an", "object"]), ("error", "model_config")),
         (dict(FLAT, premade_chat_template=False), ("warning", "custom_chat_template")),
@@ -107,6 +110,7 @@ def test_validation_reports_all_problems_at_once() -> None:
 
 def test_clean_entries_have_no_problems() -> None:
     assert problems_of(FLAT) == [] and problems_of(NESTED) == [] and problems_of(smol_entry()) == []
+    assert problems_of(smol_entry(parallel=8, kv_cache_size="16k")) == []
 
 
 def test_duplicate_names_in_one_file_are_an_error_and_the_first_wins() -> None:
