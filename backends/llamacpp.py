@@ -200,7 +200,7 @@ class LlamaCppModel(Model):
     ) -> Generator[str, None, None]:
         import llama_cpp
 
-        from backends.llamacpp_engine import EngineRequest, token_piece
+        from backends.llamacpp_slots import EngineRequest, token_piece
 
         model = self._require_loaded()
         engine = self._engine

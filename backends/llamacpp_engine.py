@@ -15,96 +15,31 @@ engine thread touches the context or a sampler. ``ctypes`` releases the GIL whil
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
-import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from backends.errors import GenerationError, KVCacheFullError
-from backends.model import GenerationParams, TokenLogprob, token_logprob
+from backends.llamacpp_slots import (
+    UNLOADED,
+    EngineEvent,
+    EngineRequest,
+    EngineStats,
+    Slot,
+    choose_slot,
+    sampler_chain,
+    token_piece,
+)
+from backends.model import token_logprob
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle engine sleeps between looks at its inbox
-UNLOADED = "The model was unloaded while this request was generating"
-
-
-@dataclass(frozen=True)
-class EngineEvent:
-    """One generated token (``token``, with ``logprob`` when asked for), or the end of the request."""
-
-    token: int | None = None
-    logprob: TokenLogprob | None = None
-    finish_reason: str | None = None  # "stop", "length" or "cancelled", on the last event
-    error: GenerationError | None = None  # why the request could not go on, on the last event
-
-
-@dataclass
-class EngineRequest:
-    """What a request asks of the engine, and the queue its tokens come back on."""
-
-    prompt: tuple[int, ...]
-    max_tokens: int
-    params: GenerationParams
-    cancel: threading.Event = field(default_factory=threading.Event)  # the caller's: client gone, unload, timeout
-    abandoned: threading.Event = field(default_factory=threading.Event)  # the reader stopped reading
-    events: queue.SimpleQueue[EngineEvent] = field(default_factory=queue.SimpleQueue)
-    cached_tokens: int = 0  # of the prompt, found in the cache instead of computed; set when it gets a slot
-
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel.is_set() or self.abandoned.is_set()
-
-
-@dataclass
-class Slot:
-    seq_id: int
-    cached: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache, in order
-    request: EngineRequest | None = None
-    sampler: Any = None
-    prompt_length: int = 0  # of the last request: a prompt that covers it continues that request's dialogue
-    fed: int = 0  # prompt tokens in the cache so far; all but the last are fed in chunks
-    next_token: int | None = None  # to decode with its logits: the prompt's last token, then each sampled one
-    generated: int = 0
-    output: int = -1  # index in the current batch whose logits this slot samples from
-    last_used: float = 0.0
-    assigned_at: float = 0.0
-
-    @property
-    def busy(self) -> bool:
-        return self.request is not None
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two lists share; slices compare in C, so a bisection beats a Python loop."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n - 1  # a[:low] == b[:low], a[:high + 1] != b[:high + 1]
-    while low < high:
-        mid = (low + high + 1) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-class EngineStats:
-    """Counters for operators (``load_info``), written by the engine thread, read by anyone."""
-
-    def __init__(self) -> None:
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
-        self.requests = 0
-        self.kv_full_events = 0
 
 
 class LlamaCppEngine:
@@ -262,20 +197,7 @@ class LlamaCppEngine:
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:
         llama_cpp = self._llama
         prompt = list(request.prompt)
-        own = {id(s): common_prefix(s.cached, prompt) for s in idle}
-        # Lose the least: the slot whose dialogue the prompt continues (it covers that slot's last prompt; the
-        # answer after it may be re-tokenised), else an empty one, else the least recently used one.
-        continuing = [s for s in idle if s.cached and own[id(s)] >= s.prompt_length]
-        if continuing:
-            slot = max(continuing, key=lambda s: own[id(s)])
-        else:
-            slot = min(idle, key=lambda s: (bool(s.cached), s.last_used))
-        reuse = own[id(slot)]
-        # The longest prefix any slot holds, busy or not, is copied in when it is longer than the slot's own.
-        donor = max(
-            (s for s in self.slots if s is not slot), key=lambda s: common_prefix(s.cached, prompt), default=None
-        )
-        shared = common_prefix(donor.cached, prompt) if donor is not None else 0
+        slot, reuse, donor, shared = choose_slot(idle, self.slots, prompt)
         reuse_limit = len(prompt) - 1  # the last prompt token is always decoded: its logits give the first token
         if donor is not None and shared > reuse:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
@@ -294,32 +216,11 @@ class LlamaCppEngine:
         slot.next_token = prompt[-1] if reuse == reuse_limit else None
         slot.generated = 0
         slot.assigned_at = time.monotonic()
-        slot.sampler = self._sampler(request.params, request.max_tokens)
+        slot.sampler = sampler_chain(llama_cpp, request.params, self.n_vocab, request.max_tokens)
         request.cached_tokens = reuse
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += reuse
-
-    def _sampler(self, params: GenerationParams, max_tokens: int) -> Any:
-        """A sampler chain for one request: OpenAI's penalties over the generated tokens, then temperature and
-        nucleus (top_p), as the transformers backend samples; greedy at temperature 0."""
-        llama_cpp = self._llama
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if params.presence_penalty or params.frequency_penalty:
-            penalties = llama_cpp.llama_sampler_init_penalties(
-                self.n_vocab, max(max_tokens, 1), 1.0, params.frequency_penalty, params.presence_penalty
-            )
-            llama_cpp.llama_sampler_chain_add(chain, penalties)
-        if params.temperature == 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
-        if params.top_p < 1.0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-        seed = params.seed if params.seed is not None else random.randrange(2**31)
-        # 0xFFFFFFFF asks llama.cpp for a random seed; every other 32-bit value is taken as it is.
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed % 0xFFFFFFFF))
-        return chain
 
     def _free_sampler(self, slot: Slot) -> None:
         if slot.sampler is not None:
@@ -464,14 +365,3 @@ class LlamaCppEngine:
 
     def _piece_with_specials(self, token: int) -> bytes:
         return token_piece(self._llama, self._vocab, token, special=True)
-
-
-def token_piece(llama_cpp: Any, vocab: Any, token: int, special: bool = False) -> bytes:
-    """The bytes of one token (llama_token_to_piece; vocabulary only, safe from any thread)."""
-    size = 64
-    while True:
-        buffer = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, special)
-        if n >= 0:
-            return buffer.raw[:n]
-        size = -n

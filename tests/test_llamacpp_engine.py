@@ -232,7 +232,25 @@ def test_slots_and_cache_show_in_the_admin_api(engine_server: RunningServer, tmp
 
 
 def test_common_prefix() -> None:
-    from backends.llamacpp_engine import common_prefix
+    from backends.llamacpp_slots import common_prefix
 
     assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3 and common_prefix([1, 2, 3], [1, 5, 3]) == 1
     assert common_prefix([], [1]) == 0 and common_prefix([7] * 1000 + [1], [7] * 1000 + [2]) == 1000
+
+
+def test_a_slot_is_chosen_to_keep_the_most_of_the_cache() -> None:
+    """The dialogue a prompt continues keeps its slot; an unrelated prompt takes an empty slot before it takes
+    one that holds another dialogue; the longest prefix any slot holds is the one to copy."""
+    from backends.llamacpp_slots import Slot, choose_slot
+
+    rules, a, b = list(range(100)), [1000, 1001], [2000, 2001]
+    dialogue_a = Slot(0, cached=rules + a + [7, 8], prompt_length=len(rules + a), last_used=2.0)
+    dialogue_b = Slot(1, cached=rules + b, prompt_length=len(rules + b), last_used=1.0)
+    empty = Slot(2)
+    slots = [dialogue_a, dialogue_b, empty]
+    slot, own, _, _ = choose_slot(slots, slots, rules + a + [7, 9, 3])  # A's next turn
+    assert slot is dialogue_a and own == len(rules + a) + 1
+    slot, own, donor, shared = choose_slot(slots, slots, [*rules, 3000])  # a third dialogue of the same game
+    assert slot is empty and own == 0 and donor is dialogue_a and shared == len(rules)
+    slot, _, _, _ = choose_slot([dialogue_a, dialogue_b], slots, [5, 6])  # no empty slot: the least recently used
+    assert slot is dialogue_b
