@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,48 +131,61 @@ async def streams_against(url: str, llm: Any, tokens: int, repeats: int) -> dict
     return {**medians, **{key: statistics.median(values) for key, values in ratios.items()}}
 
 
+Ask = Callable[[list[dict[str, str]]], Awaitable[tuple[float, str]]]
+
+
+async def take_turns(ask: Ask, histories: list[list[dict[str, str]]], turns: int) -> tuple[list[float], list[float]]:
+    """Dialogues taking turns; the time to first token of every first turn, and of all later turns."""
+    first, later = [], []
+    for turn in range(turns):
+        for d, history in enumerate(histories):
+            history.append({"role": "user", "content": f"Player {d}, turn {turn}: my word is apple. Yours?"})
+            ttft, text = await ask(history)
+            history.append({"role": "assistant", "content": text})
+            (first if turn == 0 else later).append(ttft)
+    return first, later
+
+
+def dialogue_openings(dialogues: int, same_rules: bool) -> list[list[dict[str, str]]]:
+    """Each dialogue's system prompt; the rules name the run, so that no run finds an earlier one in the cache."""
+    run = f"{dialogues}{'S' if same_rules else 'O'}"
+    return [[{"role": "system", "content": rules(run if same_rules else f"{run}-{d}")}] for d in range(dialogues)]
+
+
 async def served_dialogues(url: str, dialogues: int, turns: int, same_rules: bool) -> tuple[list[float], list[float]]:
-    """Time to first token of every dialogue's first turn, and of all later turns, dialogues taking turns. The
-    rules name the run, so that no run finds an earlier one's dialogues in the cache."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    run = f"{dialogues}{'S' if same_rules else 'O'}"
-    histories = [[{"role": "system", "content": rules(run if same_rules else f"{run}-{d}")}] for d in range(dialogues)]
-    first, later = [], []
-    for turn in range(turns):
-        for d, history in enumerate(histories):
-            history.append({"role": "user", "content": f"Player {d}, turn {turn}: my word is apple. Yours?"})
-            started = time.perf_counter()
-            text, ttft = "", 0.0
-            response = await client.chat.completions.create(
-                model=SMOL, messages=history, max_tokens=16, temperature=0, stream=True
-            )
-            async for chunk in response:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    ttft = ttft or time.perf_counter() - started
-                    text += chunk.choices[0].delta.content
-            history.append({"role": "assistant", "content": text})
-            (first if turn == 0 else later).append(ttft)
-    await client.close()
-    return first, later
+
+    async def ask(history: list[dict[str, str]]) -> tuple[float, str]:
+        started = time.perf_counter()
+        text, ttft = "", 0.0
+        response = await client.chat.completions.create(
+            model=SMOL, messages=history, max_tokens=16, temperature=0, stream=True
+        )
+        async for chunk in response:
+            if chunk.choices and chunk.choices[0].delta.content:
+                ttft = ttft or time.perf_counter() - started
+                text += chunk.choices[0].delta.content
+        return ttft, text
+
+    try:
+        return await take_turns(ask, dialogue_openings(dialogues, same_rules), turns)
+    finally:
+        await client.close()
 
 
 def in_process_dialogues(llm: Any, dialogues: int, turns: int) -> tuple[list[float], list[float]]:
-    histories = [[{"role": "system", "content": rules(f"D{d}")}] for d in range(dialogues)]
-    first, later = [], []
-    for turn in range(turns):
-        for d, history in enumerate(histories):
-            history.append({"role": "user", "content": f"Player {d}, turn {turn}: my word is apple. Yours?"})
-            started = time.perf_counter()
-            text, ttft = "", 0.0
-            for chunk in llm.create_chat_completion(messages=history, max_tokens=16, temperature=0, stream=True):
-                if chunk["choices"][0]["delta"].get("content"):
-                    ttft = ttft or time.perf_counter() - started
-                    text += chunk["choices"][0]["delta"]["content"]
-            history.append({"role": "assistant", "content": text})
-            (first if turn == 0 else later).append(ttft)
-    return first, later
+    async def ask(history: list[dict[str, str]]) -> tuple[float, str]:
+        started = time.perf_counter()
+        text, ttft = "", 0.0
+        for chunk in llm.create_chat_completion(messages=history, max_tokens=16, temperature=0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                ttft = ttft or time.perf_counter() - started
+                text += chunk["choices"][0]["delta"]["content"]
+        return ttft, text
+
+    return asyncio.run(take_turns(ask, dialogue_openings(dialogues, same_rules=False), turns))
 
 
 def llama_cpp_batched_decode(concurrent: int, threads: int, steps: int = 30) -> float:
