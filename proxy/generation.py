@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -36,6 +37,8 @@ async def generate_text(
         except RuntimeError:  # the loop is gone (server shutting down); nobody is listening
             cancel.set()
 
+    worker: asyncio.Future[None] = loop.create_future()
+
     def work() -> None:
         try:
             for delta in model.generate(prompt, params, cancel, outcome):
@@ -46,8 +49,17 @@ async def generate_text(
             put(exc)
         finally:
             put(_DONE)
+            with contextlib.suppress(RuntimeError):  # the loop is gone
+                loop.call_soon_threadsafe(finished)
 
-    worker = asyncio.ensure_future(asyncio.to_thread(work))
+    def finished() -> None:
+        if not worker.done():
+            worker.set_result(None)
+
+    # A thread of its own, not the event loop's executor: a generation holds its thread for as long as it runs,
+    # and a few models' concurrent requests would take all of the executor's (cores + 4), leaving none for the
+    # short work (tokenising a prompt) that every other request waits for.
+    threading.Thread(target=work, name=f"generate-{model.name}", daemon=True).start()
     try:
         while True:
             item = await queue.get()

@@ -30,6 +30,7 @@ from tests.support import (
 
 SMALL_KV = "smol-small-kv"  # two slots sharing a KV cache too small for both requests at once
 SOLO = "smol-solo"  # one slot, for what the engine should produce alone
+EIGHT = "smol-eight"  # more slots than the event loop's executor has threads (cores + 4)
 PROMPTS = [
     "Name three colors.",
     "Count from 1 to 20, separated by commas.",
@@ -50,6 +51,7 @@ def engine_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
         smol_entry(),
         smol_entry(SOLO, parallel=1),
         smol_entry(SMALL_KV, parallel=2, context_size=512, kv_cache_size=512),
+        smol_entry(EIGHT, parallel=8, context_size=512),
     ]
     path = write_registry(tmp_path_factory.mktemp("engine") / "model_registry.json", entries)
     with RunningServer(ModelRegistry.from_files([path]), Settings.of(unload_timeout=0.5)) as server:
@@ -192,6 +194,18 @@ def test_a_prompt_longer_than_a_batch_is_decoded_in_chunks(engine_server: Runnin
     again = client.chat.completions.create(model=SOLO, messages=messages, **kwargs)
     assert again.usage.prompt_tokens_details.cached_tokens == answer.usage.prompt_tokens - 1
     assert again.choices[0].message.content == answer.choices[0].message.content
+
+
+def test_eight_slots_generate_at_once(engine_server: RunningServer) -> None:
+    """Every slot serves: a generation has a thread of its own, so eight of them do not wait for the event loop's
+    few executor threads (nor keep a ninth request from tokenising its prompt)."""
+    streams = [StreamInThread(engine_server.base_url, f"e{i}", model=EIGHT, max_tokens=200) for i in range(8)]
+    wait_until(lambda: engine_server.services.manager.loaded(EIGHT) is not None, "the model is loaded")
+    wait_until(lambda: info(engine_server, EIGHT)["slots_in_use"] == 8, "all eight slots generate")
+    answer = sdk(engine_server).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=3)
+    assert answer.choices[0].finish_reason == "length"  # another model answers meanwhile
+    for stream in streams:
+        assert stream.join().finish_reasons == ["length"]
 
 
 def test_a_full_kv_cache_ends_one_request_clearly_and_the_server_goes_on(engine_server: RunningServer) -> None:
