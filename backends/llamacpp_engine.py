@@ -126,6 +126,8 @@ class LlamaCppEngine:
             "prefix_cache_hit_rate": round(cached / prompt_tokens, 3) if prompt_tokens else None,
             "prompt_tokens_total": prompt_tokens,
             "cached_tokens_total": cached,
+            "requests_total": self.stats.requests,
+            "kv_cache_full_events": self.stats.kv_full_events,
             "threads": self.threads,
             "n_batch": self.n_batch,
         }

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from backends.cleaning import OutputCleaner
-from backends.errors import ContextLengthExceededError
+from backends.errors import ContextLengthExceededError, PromptRenderError
 from backends.placement import PLACEMENT_KEYS, check_placement
 from backends.prompting import ChatTemplate
 from backends.spec import ModelSpec, parse_context_size
@@ -219,6 +219,8 @@ class Model(ABC):
     def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:
         """Tokenise a raw prompt (no chat template: legacy completions) and check it fits."""
         token_ids = self.tokenize_prompt(text)
+        if not token_ids:  # nothing to continue from: no backend can generate from an empty context
+            raise PromptRenderError("The prompt is empty: it has no tokens to continue from")
         room = self.context_size - len(token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if room <= 0 or max_tokens > room:

@@ -218,6 +218,7 @@ def test_a_full_kv_cache_ends_one_request_clearly_and_the_server_goes_on(engine_
         last = stream.events[-1]
         ends.append(last["error"]["code"] if "error" in last else stream.finish_reasons[-1])
     assert sorted(ends) == ["kv_cache_full", "length"], ends  # one ends with the error, the other finishes
+    assert info(engine_server, SMALL_KV)["kv_cache_full_events"] >= 1
     answer = sdk(engine_server).chat.completions.create(model=SMALL_KV, messages=COUNTING, max_tokens=5)
     assert answer.choices[0].finish_reason == "length"  # and the model serves on
 
