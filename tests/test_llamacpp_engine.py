@@ -202,7 +202,7 @@ def test_eight_slots_generate_at_once(engine_server: RunningServer) -> None:
     streams = [StreamInThread(engine_server.base_url, f"e{i}", model=EIGHT, max_tokens=200) for i in range(8)]
     wait_until(lambda: engine_server.services.manager.loaded(EIGHT) is not None, "the model is loaded")
     wait_until(lambda: info(engine_server, EIGHT)["slots_in_use"] == 8, "all eight slots generate")
-    answer = sdk(engine_server).chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=3)
+    answer = sdk(engine_server).chat.completions.create(model=SMOL, messages=COUNTING, temperature=0, max_tokens=3)
     assert answer.choices[0].finish_reason == "length"  # another model answers meanwhile
     for stream in streams:
         assert stream.join().finish_reasons == ["length"]
@@ -219,7 +219,7 @@ def test_a_full_kv_cache_ends_one_request_clearly_and_the_server_goes_on(engine_
         ends.append(last["error"]["code"] if "error" in last else stream.finish_reasons[-1])
     assert sorted(ends) == ["kv_cache_full", "length"], ends  # one ends with the error, the other finishes
     assert info(engine_server, SMALL_KV)["kv_cache_full_events"] >= 1
-    answer = sdk(engine_server).chat.completions.create(model=SMALL_KV, messages=COUNTING, max_tokens=5)
+    answer = sdk(engine_server).chat.completions.create(model=SMALL_KV, messages=COUNTING, temperature=0, max_tokens=5)
     assert answer.choices[0].finish_reason == "length"  # and the model serves on
 
 
