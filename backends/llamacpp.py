@@ -200,7 +200,8 @@ class LlamaCppModel(Model):
     ) -> Generator[str, None, None]:
         import llama_cpp
 
-        from backends.llamacpp_slots import EngineRequest, token_piece
+        from backends.llamacpp_slots import token_piece
+        from backends.slots import EngineRequest
 
         model = self._require_loaded()
         engine = self._engine

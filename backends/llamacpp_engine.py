@@ -25,17 +25,9 @@ from typing import Any
 import numpy as np
 
 from backends.errors import GenerationError, KVCacheFullError
-from backends.llamacpp_slots import (
-    UNLOADED,
-    EngineEvent,
-    EngineRequest,
-    EngineStats,
-    Slot,
-    choose_slot,
-    sampler_chain,
-    token_piece,
-)
+from backends.llamacpp_slots import sampler_chain, token_piece
 from backends.model import token_logprob
+from backends.slots import UNLOADED, EngineEvent, EngineRequest, EngineStats, Slot, choose_slot
 
 logger = logging.getLogger(__name__)
 
