@@ -12,11 +12,11 @@ import codecs
 import logging
 import queue
 import threading
-from collections.abc import Generator, Mapping
+from collections.abc import Generator
 from typing import Any
 
 from backends.errors import ModelLoadError
-from backends.model import GenerationOutcome, GenerationParams, LoadOptions, Model, PreparedPrompt
+from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
 from backends.placement import layers_on_gpu, requested_gpu_layers
 from backends.prompting import choose_chat_template, ensure_single_bos
 from backends.spec import parse_context_size
@@ -65,22 +65,13 @@ def route_llama_log() -> None:
 class LlamaCppModel(Model):
     backend_name = "llamacpp"
     mandatory_keys = ("huggingface_id", "filename", "premade_chat_template", "eos_to_cull")
+    batches = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._model: Any = None  # llama_cpp._internals.LlamaModel
         self._engine: Any = None  # backends.llamacpp_engine.LlamaCppEngine
         self._info: dict[str, Any] = {}
-
-    @classmethod
-    def slots_of(cls, spec: Mapping[str, Any], options: LoadOptions) -> int:
-        return int(spec.get("parallel") or options.parallel)
-
-    @classmethod
-    def concurrency_of(cls, spec: Mapping[str, Any], options: LoadOptions) -> int:
-        """One request per slot, unless the entry asks for fewer at once (``concurrency``)."""
-        configured = spec.get("concurrency")
-        return int(configured) if configured else cls.slots_of(spec, options)
 
     @classmethod
     def gpu_available(cls) -> bool:

@@ -36,8 +36,8 @@ class LoadOptions:
     parallel: int = field(
         default=4,
         metadata={
-            "help": "sequence slots of a llama.cpp model, for entries without parallel: requests decoded together, "
-            "each slot keeping its last dialogue's cache"
+            "help": "sequence slots of a model (llama.cpp or transformers), for entries without parallel: requests "
+            "decoded together, each slot keeping its last dialogue's cache"
         },
     )
     threads: int = field(
@@ -130,12 +130,20 @@ class Model(ABC):
     default_concurrency: ClassVar[int] = 1  # generations at once, unless the entry sets ``concurrency``
     placement_keys: ClassVar[Mapping[str, Callable[[Any], bool]]] = PLACEMENT_KEYS  # what a load may override
 
+    batches: ClassVar[bool] = False  # decodes its requests together in ``slots_of`` sequence slots
+
+    @classmethod
+    def slots_of(cls, spec: Mapping[str, Any], options: LoadOptions) -> int:
+        """Sequence slots of a batching backend: the entry's ``parallel``, else the server's ``--parallel``."""
+        return int(spec.get("parallel") or options.parallel)
+
     @classmethod
     def concurrency_of(cls, spec: Mapping[str, Any], options: LoadOptions) -> int:
+        """Requests at once: the entry's ``concurrency``, else a batching backend's slots, else the default."""
         configured = spec.get("concurrency")
         if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
             return configured
-        return cls.default_concurrency
+        return cls.slots_of(spec, options) if cls.batches else cls.default_concurrency
 
     @classmethod
     def gpu_available(cls) -> bool:
