@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import Cache
@@ -40,6 +40,7 @@ from backends.slots import UNLOADED, EngineEvent, EngineRequest, EngineStats, Sl
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle engine sleeps between looks at its inbox
+T = TypeVar("T")
 PREFILL_CHUNK = 256  # prompt tokens per forward pass: a long prompt holds the other streams up for one chunk
 CAPACITY_STEP = 256  # the cache grows in whole steps of this many tokens
 
@@ -54,6 +55,32 @@ def batching_unsupported(config: Any) -> str | None:
     if getattr(config, "is_encoder_decoder", False):
         return "it is an encoder-decoder model"
     return None
+
+
+def on_a_thread_that_ends(work: Callable[[], T]) -> T:
+    """``work()`` on a thread of its own that ends with it: torch work done at load time leaves no OpenMP pool
+    behind on the caller's thread.
+
+    libgomp keeps a pool of worker threads for every thread that ever ran a parallel region, for as long as that
+    thread lives. Once its threads outnumber the cores, every worker stops spinning between parallel regions and
+    sleeps at once, and each of the hundreds of regions of a decode step pays a wake-up: one pool left on the
+    loading thread made the engine's steps about a third slower on two cores (bfloat16, one stream).
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:  # handed to the caller, whatever it is
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="transformers-load")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def penalised(logits: torch.Tensor, counts: Mapping[int, int], params: GenerationParams) -> torch.Tensor:

@@ -201,7 +201,8 @@ class HuggingfaceLocalModel(Model):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from backends.huggingface_engine import TransformersEngine, batching_unsupported
+        from backends.cpu_linear import tune_small_batch_linears
+        from backends.huggingface_engine import TransformersEngine, batching_unsupported, on_a_thread_that_ends
 
         source = find_model_source(self.spec)
         cuda = torch.cuda.is_available()
@@ -214,13 +215,18 @@ class HuggingfaceLocalModel(Model):
                 str(source.directory), gguf_file=source.gguf_file, local_files_only=True
             )
             device_map = self._device_map(config, placement)
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                str(source.directory),
-                gguf_file=source.gguf_file,
-                dtype=getattr(torch, placement.dtype),
-                device_map=device_map,
-                local_files_only=True,
-            )
+
+            def load_weights() -> tuple[Any, dict[str, Any]]:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(source.directory),
+                    gguf_file=source.gguf_file,
+                    dtype=getattr(torch, placement.dtype),
+                    device_map=device_map,
+                    local_files_only=True,
+                )
+                return model, tune_small_batch_linears(model)
+
+            model, kernels = on_a_thread_that_ends(load_weights)
         except ModelLoadError:
             raise
         except (OSError, ValueError, RuntimeError, ImportError, KeyError, TypeError) as exc:
@@ -277,6 +283,7 @@ class HuggingfaceLocalModel(Model):
             "context_size_trained": getattr(config, "max_position_embeddings", None),
             "chat_template": self.chat_template.origin,
             "batching": "engine" if self._engine is not None else "one request at a time",
+            "small_batch_kernels": kernels,  # weight shape: the row counts computed as W @ x.T (backends.cpu_linear)
             "warnings": warnings,
         }
         logger.info(
