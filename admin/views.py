@@ -126,9 +126,14 @@ def engine_texts(loaded: dict[str, Any] | None) -> dict[str, str]:
         f" of {loaded.get('kv_cache_tokens', 0):,} ({human_bytes(loaded.get('kv_cache_bytes'))})",
         "slot_cache_text": ", ".join(f"{n:,}" for n in cached),
     }
+    if loaded.get("requests_waiting"):
+        texts["slots_text"] += f" · {loaded['requests_waiting']} waiting for a slot"
     rate = loaded.get("prefix_cache_hit_rate")
     if rate is not None:
         texts["cache_text"] = f"prefix cache: {rate:.0%} of prompt tokens reused"
+    if loaded.get("mean_batch"):
+        batch = f"{loaded['mean_batch']} sequences decoded a step"
+        texts["cache_text"] = f"{texts['cache_text']} · {batch}" if "cache_text" in texts else batch
     return texts
 
 

@@ -139,6 +139,7 @@ class CacheWrite:
     rows: torch.Tensor | None = None  # decode: the batch rows that are real slots
     slots: torch.Tensor | None = None  # decode: their slot indices
     positions: torch.Tensor | None = None  # decode: where each one's token goes
+    single: tuple[int, int, int] | None = None  # decode of one slot: (row, slot, position)
     start: int = 0  # prefill
 
 
@@ -188,7 +189,11 @@ class SlotCache(Cache):
             self.values.append(None)
         keys = self.keys[layer_idx] = self._grown(self.keys[layer_idx], key_states)
         values = self.values[layer_idx] = self._grown(self.values[layer_idx], value_states)
-        if plan.rows is not None:
+        if plan.single is not None:  # one generating slot: plain indexing, cheaper than an index_put
+            row, slot, position = plan.single
+            keys[slot, :, position] = key_states[row, :, 0]
+            values[slot, :, position] = value_states[row, :, 0]
+        elif plan.rows is not None:
             assert plan.slots is not None and plan.positions is not None
             device = keys.device
             rows, slots, positions = plan.rows.to(device), plan.slots.to(device), plan.positions.to(device)
@@ -452,6 +457,7 @@ class TransformersEngine:
             rows=rows,
             slots=rows + first,
             positions=positions[rows, 0],
+            single=(0, first, len(generating[0].cached)) if len(generating) == 1 else None,
         )
         allowed = torch.arange(length)[None, :] <= positions  # [width, length]
         logits = self._forward(tokens, positions, self._mask(allowed[:, None])).float()

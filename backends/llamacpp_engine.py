@@ -75,6 +75,7 @@ class LlamaCppEngine:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.slots = [Slot(seq_id) for seq_id in range(slots)]
         self.stats = EngineStats()
+        self.batch_sizes: deque[int] = deque(maxlen=256)  # sequences sampled in each of the last steps
         self._inbox: queue.SimpleQueue[EngineRequest | None] = queue.SimpleQueue()
         self._pending: deque[EngineRequest] = deque()
         self._stopping = False
@@ -112,6 +113,7 @@ class LlamaCppEngine:
         return {
             "slots": len(slots),
             "slots_in_use": sum(1 for s in slots if s.busy),
+            "requests_waiting": len(self._pending) + self._inbox.qsize(),
             "slot_cached_tokens": [len(s.cached) for s in slots],
             "kv_cache_tokens": self.kv_size,
             "kv_cache_bytes": self.kv_bytes,
@@ -120,6 +122,7 @@ class LlamaCppEngine:
             "cached_tokens_total": cached,
             "requests_total": self.stats.requests,
             "kv_cache_full_events": self.stats.kv_full_events,
+            "mean_batch": round(sum(sizes) / len(sizes), 2) if (sizes := list(self.batch_sizes)) else None,
             "threads": self.threads,
             "n_batch": self.n_batch,
         }
@@ -303,6 +306,8 @@ class LlamaCppEngine:
                 break  # only prompts were waiting, and they did not fit
             status = llama_cpp.llama_decode(self._ctx, self._batch)
             if status == 0:
+                if sampling:
+                    self.batch_sizes.append(len(sampling))
                 self._sample(sampling)
                 return
             self._roll_back(before)

@@ -73,6 +73,12 @@ def info(server: RunningServer, model: str) -> dict[str, Any]:
     return loaded.load_info()
 
 
+def slots_in_use(server: RunningServer, model: str) -> int:
+    """0 while the model is still loading."""
+    loaded = server.services.manager.loaded(model)
+    return int(loaded.load_info().get("slots_in_use", 0)) if loaded is not None else 0
+
+
 def ask(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
@@ -209,7 +215,7 @@ def test_unload_during_a_batch_ends_every_request_with_the_error_event(engine_se
     client = sdk(engine_server)
     client.chat.completions.create(model=HF, messages=COUNTING, max_tokens=1)
     streams = [StreamInThread(engine_server.base_url, f"u{i}", model=HF, max_tokens=400) for i in range(3)]
-    wait_until(lambda: info(engine_server, HF)["slots_in_use"] == 3, "three slots generate")
+    wait_until(lambda: slots_in_use(engine_server, HF) == 3, "three slots generate")
     unloaded = httpx.post(f"{engine_server.base_url}/admin/api/models/{HF}/unload", timeout=60).json()
     assert unloaded["state"] == "unloaded"
     for stream in streams:
@@ -222,7 +228,7 @@ def test_unload_during_a_batch_ends_every_request_with_the_error_event(engine_se
 
 def test_batch_capacity_in_flight_and_reuse_show_in_the_admin_api(engine_server: RunningServer) -> None:
     streams = [StreamInThread(engine_server.base_url, f"a{i}", model=HF, max_tokens=200) for i in range(2)]
-    wait_until(lambda: info(engine_server, HF)["slots_in_use"] == 2, "two slots generate")
+    wait_until(lambda: slots_in_use(engine_server, HF) == 2, "two slots generate")
     view = httpx.get(f"{engine_server.base_url}/admin/api/models/{HF}", timeout=30).json()
     loaded = view["loaded"]
     assert view["concurrency"] == 4 and loaded["slots"] == 4 and loaded["slots_in_use"] == 2
@@ -230,7 +236,7 @@ def test_batch_capacity_in_flight_and_reuse_show_in_the_admin_api(engine_server:
     assert len(loaded["slot_cached_tokens"]) == 4 and loaded["kv_cache_bytes"] > 0
     assert "prefix_cache_hit_rate" in loaded and loaded["requests_total"] >= 2
     page = httpx.get(f"{engine_server.base_url}/admin", timeout=30).text
-    assert "slots 2/4 in use" in page
+    assert "slots 2/4 in use" in page and "sequences decoded a step" in page
     for stream in streams:
         stream.join()
 
