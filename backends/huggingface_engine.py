@@ -20,12 +20,11 @@ all layers); others, sliding-window ones among them, are served one request at a
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,13 +32,13 @@ from typing import Any, TypeVar
 import torch
 from transformers import Cache
 
+from backends.engine_loop import SlotEngine
 from backends.errors import GenerationError
 from backends.model import GenerationParams, token_logprob
-from backends.slots import UNLOADED, EngineEvent, EngineRequest, EngineStats, Slot, choose_slot
+from backends.slots import EngineEvent, EngineRequest, Slot, choose_slot
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 0.5  # how long an idle engine sleeps between looks at its inbox
 T = TypeVar("T")
 PREFILL_CHUNK = 256  # prompt tokens per forward pass: a long prompt holds the other streams up for one chunk
 CAPACITY_STEP = 256  # the cache grows in whole steps of this many tokens
@@ -209,7 +208,9 @@ class SlotCache(Cache):
         return 0  # positions are always given; there is no one length for all rows
 
 
-class TransformersEngine:
+class TransformersEngine(SlotEngine):
+    library = "transformers"
+
     def __init__(
         self,
         model: Any,
@@ -221,7 +222,7 @@ class TransformersEngine:
         cache_argument: str,
         token_bytes: Callable[[int], bytes],
     ) -> None:
-        self.name = name
+        super().__init__(name, slots)
         self._model = model
         self._eos_ids = eos_ids
         self._cache_argument = cache_argument
@@ -231,118 +232,28 @@ class TransformersEngine:
         self._keeps_logits = "logits_to_keep" in _forward_parameters(model)
         self.context_size = context_size
         self.cache = SlotCache(slots, context_size)
-        self.slots = [Slot(seq_id) for seq_id in range(slots)]
-        self.stats = EngineStats()
-        self.batch_sizes: deque[int] = deque(maxlen=256)  # of the last decode steps, for operators
-        self._inbox: queue.SimpleQueue[EngineRequest | None] = queue.SimpleQueue()
-        self._pending: deque[EngineRequest] = deque()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"transformers-engine-{name}", daemon=True)
-        self._thread.start()
+        self.start()
 
-    # --- from other threads --------------------------------------------------------------------------
-
-    def submit(self, request: EngineRequest) -> None:
-        if self._stopping or not self._thread.is_alive():
-            request.events.put(EngineEvent(finish_reason="cancelled", error=GenerationError(UNLOADED)))
-            return
-        self._inbox.put(request)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    # --- from other threads ---------------------------------------------------------------------------
 
     def close(self) -> None:
         """End every request (with an error event), stop the thread and drop the cache."""
-        self._stopping = True
-        self._inbox.put(None)
-        self._thread.join()
+        self.stop()
         self.cache = SlotCache(len(self.slots), self.context_size)
 
     def describe(self) -> dict[str, Any]:
-        """Slots in use, what each holds in the cache, and how much of the prompts the cache supplied."""
-        slots = list(self.slots)
-        prompt_tokens, cached = self.stats.prompt_tokens, self.stats.cached_tokens
-        sizes = list(self.batch_sizes)
+        """The slots and the prefix cache (``slot_stats``), and the cache's size."""
         return {
-            "slots": len(slots),
-            "slots_in_use": sum(1 for s in slots if s.busy),
-            "requests_waiting": len(self._pending) + self._inbox.qsize(),
-            "slot_cached_tokens": [len(s.cached) for s in slots],
-            "kv_cache_tokens": self.cache.capacity * len(slots),
+            **self.slot_stats(),
+            "kv_cache_tokens": self.cache.capacity * len(self.slots),
             "kv_cache_bytes": self.cache.nbytes,
-            "prefix_cache_hit_rate": round(cached / prompt_tokens, 3) if prompt_tokens else None,
-            "prompt_tokens_total": prompt_tokens,
-            "cached_tokens_total": cached,
-            "requests_total": self.stats.requests,
-            "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
             "prefill_chunk": PREFILL_CHUNK,
         }
 
     # --- the engine thread ---------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while not self._stopping:
-                    self._take_inbox(block=not self._active() and not self._pending)
-                    self._drop_cancelled()
-                    self._assign_pending()
-                    if self._active():
-                        self._step()
-            reason = GenerationError(UNLOADED)
-        except Exception:
-            logger.exception("%s: the transformers engine failed", self.name)
-            reason = GenerationError("The transformers engine failed; see the server log")
-        finally:
-            self._stopping = True
-        self._end_all(reason)
-
-    def _active(self) -> list[Slot]:
-        return [s for s in self.slots if s.busy]
-
-    def _take_inbox(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
-            while True:
-                if item is None:
-                    self._stopping = True
-                else:
-                    self._pending.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
-
-    def _end_all(self, reason: GenerationError) -> None:
-        for slot in self.slots:
-            if slot.request is not None:
-                self._finish(slot, "cancelled", error=reason)
-        while self._pending:
-            self._pending.popleft().events.put(EngineEvent(finish_reason="cancelled", error=reason))
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                item.events.put(EngineEvent(finish_reason="cancelled", error=reason))
-
-    def _drop_cancelled(self) -> None:
-        for slot in self.slots:
-            if slot.request is not None and slot.request.cancelled:
-                self._finish(slot, "cancelled")
-        kept = [r for r in self._pending if not r.cancelled]
-        for request in self._pending:
-            if request.cancelled:
-                request.events.put(EngineEvent(finish_reason="cancelled"))
-        self._pending = deque(kept)
-
-    def _assign_pending(self) -> None:
-        while self._pending:
-            idle = [s for s in self.slots if not s.busy]
-            if not idle:
-                return
-            self._assign(self._pending.popleft(), idle)
+    def _context(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.inference_mode()
 
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:
         prompt = list(request.prompt)
@@ -366,14 +277,9 @@ class TransformersEngine:
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += reuse
 
-    def _finish(self, slot: Slot, reason: str, error: GenerationError | None = None) -> None:
-        request = slot.request
-        slot.request = None
+    def _release(self, slot: Slot) -> None:
         slot.sampler = None
         slot.next_token = None
-        slot.last_used = time.monotonic()
-        if request is not None:
-            request.events.put(EngineEvent(finish_reason=reason, error=error))
 
     # --- one step ------------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-import queue
 import threading
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -377,11 +376,13 @@ class HuggingfaceLocalModel(Model):
             return
         detokenizer = IncrementalDetokenizer(tokenizer, self._tokenizer_lock)
         engine = self._engine
-        tokens = (
-            self._engine_tokens(engine, prompt, params, cancel, outcome)
-            if engine
-            else self._tokens_alone(prompt, params, cancel, outcome)
-        )
+        if engine is not None:
+            from backends.engine_loop import engine_tokens
+
+            request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel)
+            tokens = engine_tokens(engine, request, outcome)
+        else:
+            tokens = self._tokens_alone(prompt, params, cancel, outcome)
         try:
             for token in tokens:
                 text = detokenizer.push(token)
@@ -392,40 +393,6 @@ class HuggingfaceLocalModel(Model):
         tail = detokenizer.finish()
         if tail:
             yield tail
-
-    def _engine_tokens(
-        self,
-        engine: TransformersEngine,
-        prompt: PreparedPrompt,
-        params: GenerationParams,
-        cancel: threading.Event,
-        outcome: GenerationOutcome,
-    ) -> Generator[int, None, None]:
-        """The request's tokens as the engine decodes them, with everything else in the batch."""
-        request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel)
-        engine.submit(request)
-        try:
-            while True:
-                try:
-                    event = request.events.get(timeout=1.0)
-                except queue.Empty:
-                    if not engine.alive:
-                        raise RuntimeError(f"{self.name}: the transformers engine stopped") from None
-                    continue
-                outcome.cached_tokens = request.cached_tokens
-                if event.token is None:  # the end
-                    if event.error is not None and not cancel.is_set():
-                        raise event.error
-                    outcome.finish_reason = "stop" if event.finish_reason == "stop" else "length"
-                    return
-                outcome.completion_tokens += 1
-                if event.logprob is not None:
-                    outcome.logprobs.append(event.logprob)
-                yield event.token
-                if cancel.is_set():  # tokens the engine decoded meanwhile are not the client's any more
-                    return
-        finally:
-            request.abandoned.set()  # a reader that stops early (a stop string, a client gone) frees the slot
 
     def _tokens_alone(
         self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import logging
-import queue
 import threading
 from collections.abc import Generator
 from typing import Any
@@ -191,6 +190,7 @@ class LlamaCppModel(Model):
     ) -> Generator[str, None, None]:
         import llama_cpp
 
+        from backends.engine_loop import engine_tokens
         from backends.llamacpp_slots import token_piece
         from backends.slots import EngineRequest
 
@@ -200,32 +200,15 @@ class LlamaCppModel(Model):
         if prompt.max_tokens <= 0:
             return
         request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel)
-        engine.submit(request)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = engine_tokens(engine, request, outcome)
         try:
-            while True:
-                try:
-                    event = request.events.get(timeout=1.0)
-                except queue.Empty:
-                    if not engine.alive:
-                        raise RuntimeError(f"{self.name}: the llama.cpp engine stopped") from None
-                    continue
-                outcome.cached_tokens = request.cached_tokens
-                if event.token is None:  # the end
-                    if event.error is not None and not cancel.is_set():
-                        raise event.error
-                    outcome.finish_reason = "stop" if event.finish_reason == "stop" else "length"
-                    break
-                outcome.completion_tokens += 1
-                if event.logprob is not None:
-                    outcome.logprobs.append(event.logprob)
-                text = decoder.decode(token_piece(llama_cpp, model.vocab, event.token))
+            for token in tokens:
+                text = decoder.decode(token_piece(llama_cpp, model.vocab, token))
                 if text:
                     yield text
-                if cancel.is_set():  # tokens the engine decoded meanwhile are not the client's any more
-                    break
         finally:
-            request.abandoned.set()  # a reader that stops early (a stop string, a client gone) frees the slot
+            tokens.close()
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail

@@ -16,25 +16,23 @@ engine thread touches the context or a sampler. ``ctypes`` releases the GIL whil
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
 
+from backends.engine_loop import SlotEngine
 from backends.errors import GenerationError, KVCacheFullError
 from backends.llamacpp_slots import sampler_chain, token_piece
 from backends.model import token_logprob
-from backends.slots import UNLOADED, EngineEvent, EngineRequest, EngineStats, Slot, choose_slot
+from backends.slots import EngineEvent, EngineRequest, Slot, choose_slot
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 0.5  # how long an idle engine sleeps between looks at its inbox
 
+class LlamaCppEngine(SlotEngine):
+    library = "llama.cpp"
 
-class LlamaCppEngine:
     def __init__(
         self,
         model: Any,
@@ -48,8 +46,8 @@ class LlamaCppEngine:
     ) -> None:
         import llama_cpp
 
+        super().__init__(name, slots)
         self._llama = llama_cpp
-        self.name = name
         self._model = model
         self._vocab = vocab
         self.n_batch = n_batch
@@ -73,32 +71,13 @@ class LlamaCppEngine:
         self.kv_bytes = per_token * self.kv_size
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self.slots = [Slot(seq_id) for seq_id in range(slots)]
-        self.stats = EngineStats()
-        self.batch_sizes: deque[int] = deque(maxlen=256)  # sequences sampled in each of the last steps
-        self._inbox: queue.SimpleQueue[EngineRequest | None] = queue.SimpleQueue()
-        self._pending: deque[EngineRequest] = deque()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"llamacpp-engine-{name}", daemon=True)
-        self._thread.start()
+        self.start()
 
-    # --- from other threads --------------------------------------------------------------------------
-
-    def submit(self, request: EngineRequest) -> None:
-        if self._stopping or not self._thread.is_alive():
-            request.events.put(EngineEvent(finish_reason="cancelled", error=GenerationError(UNLOADED)))
-            return
-        self._inbox.put(request)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    # --- from other threads ---------------------------------------------------------------------------
 
     def close(self) -> None:
         """End every request (with an error event), stop the thread and free the context."""
-        self._stopping = True
-        self._inbox.put(None)
-        self._thread.join()
+        self.stop()
         llama_cpp = self._llama
         for slot in self.slots:
             self._free_sampler(slot)
@@ -107,89 +86,17 @@ class LlamaCppEngine:
         self._ctx = None
 
     def describe(self) -> dict[str, Any]:
-        """Slots in use, what each holds in the cache, and how much of the prompts the cache supplied."""
-        slots = list(self.slots)
-        prompt_tokens, cached = self.stats.prompt_tokens, self.stats.cached_tokens
+        """The slots and the prefix cache (``slot_stats``), and the context's own sizes."""
         return {
-            "slots": len(slots),
-            "slots_in_use": sum(1 for s in slots if s.busy),
-            "requests_waiting": len(self._pending) + self._inbox.qsize(),
-            "slot_cached_tokens": [len(s.cached) for s in slots],
+            **self.slot_stats(),
             "kv_cache_tokens": self.kv_size,
             "kv_cache_bytes": self.kv_bytes,
-            "prefix_cache_hit_rate": round(cached / prompt_tokens, 3) if prompt_tokens else None,
-            "prompt_tokens_total": prompt_tokens,
-            "cached_tokens_total": cached,
-            "requests_total": self.stats.requests,
             "kv_cache_full_events": self.stats.kv_full_events,
-            "mean_batch": round(sum(sizes) / len(sizes), 2) if (sizes := list(self.batch_sizes)) else None,
             "threads": self.threads,
             "n_batch": self.n_batch,
         }
 
     # --- the engine thread ---------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                self._take_inbox(block=not self._active() and not self._pending)
-                self._drop_cancelled()
-                self._assign_pending()
-                if self._active():
-                    self._step()
-            reason = GenerationError(UNLOADED)
-        except Exception:
-            logger.exception("%s: the llama.cpp engine failed", self.name)
-            reason = GenerationError("The llama.cpp engine failed; see the server log")
-        finally:
-            self._stopping = True
-        self._end_all(reason)
-
-    def _active(self) -> list[Slot]:
-        return [s for s in self.slots if s.busy]
-
-    def _take_inbox(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
-            while True:
-                if item is None:
-                    self._stopping = True
-                else:
-                    self._pending.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
-
-    def _end_all(self, reason: GenerationError) -> None:
-        for slot in self.slots:
-            if slot.request is not None:
-                self._finish(slot, "cancelled", error=reason)
-        while self._pending:
-            self._pending.popleft().events.put(EngineEvent(finish_reason="cancelled", error=reason))
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                item.events.put(EngineEvent(finish_reason="cancelled", error=reason))
-
-    def _drop_cancelled(self) -> None:
-        for slot in self.slots:
-            if slot.request is not None and slot.request.cancelled:
-                self._finish(slot, "cancelled")
-        kept = [r for r in self._pending if not r.cancelled]
-        for request in self._pending:
-            if request.cancelled:
-                request.events.put(EngineEvent(finish_reason="cancelled"))
-        self._pending = deque(kept)
-
-    def _assign_pending(self) -> None:
-        while self._pending:
-            idle = [s for s in self.slots if not s.busy]
-            if not idle:
-                return
-            self._assign(self._pending.popleft(), idle)
 
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:
         llama_cpp = self._llama
@@ -224,13 +131,8 @@ class LlamaCppEngine:
             self._llama.llama_sampler_free(slot.sampler)
             slot.sampler = None
 
-    def _finish(self, slot: Slot, reason: str, error: GenerationError | None = None) -> None:
-        request = slot.request
-        slot.request = None
-        slot.last_used = time.monotonic()
+    def _release(self, slot: Slot) -> None:
         self._free_sampler(slot)
-        if request is not None:
-            request.events.put(EngineEvent(finish_reason=reason, error=error))
 
     # --- one step ------------------------------------------------------------------------------------
 
