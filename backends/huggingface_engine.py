@@ -375,7 +375,7 @@ class TransformersEngine(SlotEngine):
     def _sample(self, slot: Slot, raw: torch.Tensor) -> None:
         request = slot.request
         assert request is not None
-        token = slot.sampler.sample(raw)
+        token = slot.sampler.sample(raw if request.constraint is None else request.constraint.allow_torch(raw))
         if token in self._eos_ids:
             self._finish(slot, "stop")
             return
@@ -385,7 +385,9 @@ class TransformersEngine(SlotEngine):
         slot.generated += 1
         slot.next_token = token
         request.events.put(EngineEvent(token=token, logprob=logprob))
-        if slot.generated >= request.max_tokens:
+        if request.grammar_ended(token):
+            self._finish(slot, "stop")
+        elif slot.generated >= request.max_tokens:
             self._finish(slot, "length")
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from backends.errors import ModelLoadError
+from backends.grammar import GrammarCompiler
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt, token_logprob
 from backends.placement import ALL_LAYERS, layers_on_gpu, requested_gpu_layers
 from backends.prompting import choose_chat_template, ensure_single_bos
@@ -192,6 +193,8 @@ class HuggingfaceLocalModel(Model):
         self._tokenizer_lock = threading.Lock()
         self._engine: TransformersEngine | None = None  # None for a model the engine cannot batch
         self._info: dict[str, Any] = {}
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     @property
     def is_loaded(self) -> bool:
@@ -352,6 +355,7 @@ class HuggingfaceLocalModel(Model):
             engine.close()
         model, self._model = self._model, None
         self._tokenizer = None
+        self._grammar = None
         self.chat_template = None
         if model is None:
             return
@@ -381,6 +385,7 @@ class HuggingfaceLocalModel(Model):
             from backends.engine_loop import engine_tokens
 
             request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel)
+            request.constraint = prompt.constraint.matcher() if prompt.constraint is not None else None
             tokens = engine_tokens(engine, request, outcome)
         else:
             tokens = self._tokens_alone(prompt, params, cancel, outcome)
@@ -406,6 +411,7 @@ class HuggingfaceLocalModel(Model):
         model = self._require_loaded()[0]
         device = model.get_input_embeddings().weight.device
         sampler = TorchSampler(params, device)
+        constraint = prompt.constraint.matcher() if prompt.constraint is not None else None
         next_input = torch.tensor([prompt.token_ids], device=device)
         cache = None
         with torch.inference_mode():
@@ -413,7 +419,7 @@ class HuggingfaceLocalModel(Model):
                 output = model(input_ids=next_input, use_cache=True, **{self._cache_name: cache})
                 cache = getattr(output, self._cache_name)
                 raw_logits = output.logits[0, -1, :].float()
-                token = sampler.sample(raw_logits)
+                token = sampler.sample(raw_logits if constraint is None else constraint.allow_torch(raw_logits))
                 if token in self._eos_ids:
                     outcome.finish_reason = "stop"
                     return
@@ -423,7 +429,20 @@ class HuggingfaceLocalModel(Model):
                         token_logprob(raw_logits.cpu().numpy(), token, params.top_logprobs, self._token_bytes)
                     )
                 yield token
+                if constraint is not None:
+                    constraint.accept(token)
+                    if constraint.ended:
+                        outcome.finish_reason = "stop"
+                        return
                 next_input = torch.tensor([[token]], device=device)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        model, tokenizer = self._require_loaded()
+        with self._grammar_lock:
+            if self._grammar is None:
+                n_vocab = int(model.get_output_embeddings().weight.shape[0])
+                self._grammar = GrammarCompiler.for_hf_tokenizer(tokenizer, n_vocab, self._eos_ids)
+            return self._grammar
 
     def _token_bytes(self, token_id: int) -> bytes:
         """A token's own bytes: byte-level BPE pieces map back to bytes; others are decoded text."""

@@ -15,6 +15,7 @@ from collections.abc import Generator
 from typing import Any
 
 from backends.errors import ModelLoadError
+from backends.grammar import GrammarCompiler
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
 from backends.placement import layers_on_gpu, requested_gpu_layers
 from backends.prompting import choose_chat_template, ensure_single_bos
@@ -71,6 +72,8 @@ class LlamaCppModel(Model):
         self._model: Any = None  # llama_cpp._internals.LlamaModel
         self._engine: Any = None  # backends.llamacpp_engine.LlamaCppEngine
         self._info: dict[str, Any] = {}
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     @classmethod
     def gpu_available(cls) -> bool:
@@ -178,7 +181,20 @@ class LlamaCppModel(Model):
             engine.close()
         if model is not None:
             model.close()
+        self._grammar = None
         self.chat_template = None
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        import llama_cpp
+
+        model = self._require_loaded()
+        with self._grammar_lock:
+            if self._grammar is None:
+                vocab = model.vocab
+                n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+                eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+                self._grammar = GrammarCompiler.for_llama_vocab(vocab, n_vocab, eog)
+            return self._grammar
 
     def tokenize_prompt(self, text: str) -> list[int]:
         model = self._require_loaded()
@@ -200,6 +216,7 @@ class LlamaCppModel(Model):
         if prompt.max_tokens <= 0:
             return
         request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel)
+        request.constraint = prompt.constraint.matcher() if prompt.constraint is not None else None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens = engine_tokens(engine, request, outcome)
         try:

@@ -250,18 +250,25 @@ class LlamaCppEngine(SlotEngine):
         for slot in sampling:
             request = slot.request
             assert request is not None
+            raw = None
+            if request.params.logprobs or request.constraint is not None:
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, slot.output), (self.n_vocab,))
+                raw = logits.copy() if request.params.logprobs and request.constraint is not None else logits
+                if request.constraint is not None:  # the sampler reads these logits: mask them where they are
+                    request.constraint.allow_numpy(logits)
             token = int(llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.output))
             if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 self._finish(slot, "stop")
                 continue
             logprob = None
-            if request.params.logprobs:  # of the model's own distribution: the raw logits, before the sampler
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, slot.output), (self.n_vocab,))
-                logprob = token_logprob(logits, token, request.params.top_logprobs, self._piece_with_specials)
+            if raw is not None:  # of the model's own distribution: the raw logits, before the sampler
+                logprob = token_logprob(raw, token, request.params.top_logprobs, self._piece_with_specials)
             slot.generated += 1
             slot.next_token = token
             request.events.put(EngineEvent(token=token, logprob=logprob))
-            if slot.generated >= request.max_tokens:
+            if request.grammar_ended(token):
+                self._finish(slot, "stop")
+            elif slot.generated >= request.max_tokens:
                 self._finish(slot, "length")
 
     def _piece_with_specials(self, token: int) -> bytes:

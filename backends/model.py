@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from backends.cleaning import OutputCleaner
 from backends.errors import ContextLengthExceededError, PromptRenderError
+from backends.grammar import CompiledGrammar, ConstraintUnavailableError, GrammarCompiler
 from backends.placement import PLACEMENT_KEYS, check_placement
 from backends.prompting import ChatTemplate
 from backends.spec import ModelSpec, parse_context_size
@@ -62,6 +63,8 @@ class GenerationParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of a token
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    tools: tuple[Mapping[str, Any], ...] = ()  # OpenAI's tool objects, for the prompt (``backends.tools``)
+    grammar: str | None = None  # what the output must match, in llguidance's format (``backends.grammar``)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class PreparedPrompt:
     text: str
     token_ids: tuple[int, ...]
     max_tokens: int
+    constraint: CompiledGrammar | None = None  # ``params.grammar`` compiled for this model's vocabulary
 
 
 @dataclass(frozen=True)
@@ -214,18 +218,25 @@ class Model(ABC):
         }
 
     def render_prompt(
-        self, messages: Sequence[Mapping[str, Any]], template_kwargs: Mapping[str, Any] | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] = (),
     ) -> str:
         if self.chat_template is None:
             raise RuntimeError(f"{self.name} is not loaded")
-        return self.chat_template.render(messages, extra=template_kwargs)
+        return self.chat_template.render(messages, extra=template_kwargs, tools=tools)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The loaded model's vocabulary for constrained decoding (built on first use, about a second)."""
+        raise ConstraintUnavailableError(f"the {self.backend_name} backend cannot constrain its output")
 
     def prepare(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams) -> PreparedPrompt:
         """Render and tokenise the prompt and check it fits; raises ``ContextLengthExceededError``."""
-        return self.prepare_text(self.render_prompt(messages, params.template_kwargs), params)
+        return self.prepare_text(self.render_prompt(messages, params.template_kwargs, params.tools), params)
 
     def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:
-        """Tokenise a raw prompt (no chat template: legacy completions) and check it fits."""
+        """Tokenise a raw prompt (no chat template: legacy completions) and check it fits; compile its grammar."""
         token_ids = self.tokenize_prompt(text)
         if not token_ids:  # nothing to continue from: no backend can generate from an empty context
             raise PromptRenderError("The prompt is empty: it has no tokens to continue from")
@@ -240,7 +251,8 @@ class Model(ABC):
                 max_tokens=max_tokens,
                 context_size=self.context_size,
             )
-        return PreparedPrompt(text=text, token_ids=tuple(token_ids), max_tokens=max_tokens)
+        constraint = self.grammar_compiler().compile(params.grammar) if params.grammar is not None else None
+        return PreparedPrompt(text=text, token_ids=tuple(token_ids), max_tokens=max_tokens, constraint=constraint)
 
     def generate(
         self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -20,6 +21,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from backends.errors import PromptRenderError
+from backends.tools import CALL_CLOSE, CALL_OPEN, tool_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -83,16 +85,31 @@ class ChatTemplate:
         self.eos_token = eos_token
         self._template = compile_template(source)
 
+    @property
+    def takes_tools(self) -> bool:
+        """The template renders a ``tools`` variable itself (HF's convention for tool definitions)."""
+        return re.search(r"\btools\b", self.source) is not None
+
+    @property
+    def takes_tool_calls(self) -> bool:
+        """The template renders assistants' ``tool_calls`` and ``tool`` messages itself."""
+        return "tool_calls" in self.source
+
     def render(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = True,
         extra: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] = (),
     ) -> str:
         variables = dict(extra or {})
+        if tools and self.takes_tools:
+            variables["tools"] = [dict(tool) for tool in tools]
+        elif tools:
+            messages = with_tool_prompt(messages, tool_prompt(tools))
         variables.update(
-            messages=[dict(m) for m in messages],
+            messages=template_messages(messages, self.takes_tool_calls),
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             add_generation_prompt=add_generation_prompt,
@@ -103,6 +120,53 @@ class ChatTemplate:
             raise PromptRenderError(f"the model's chat template rejected these messages: {exc}") from exc
         except jinja2.TemplateError as exc:
             raise PromptRenderError(f"the model's chat template failed to render: {exc}") from exc
+
+
+def with_tool_prompt(messages: Sequence[Mapping[str, Any]], prompt: str) -> list[Mapping[str, Any]]:
+    """The default tool prompt at the end of the system message, or as a system message of its own."""
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{prompt}".lstrip()
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
+
+
+def template_messages(messages: Sequence[Mapping[str, Any]], takes_tool_calls: bool) -> list[dict[str, Any]]:
+    """Messages as the template renders them. A template that renders tool calls gets them with their arguments
+    as objects (HF's convention); for one that does not, calls are written into the assistant's text in the
+    ``<tool_call>`` format, and a tool's result becomes a user turn in ``<tool_response>`` tags."""
+    converted = []
+    for message in messages:
+        message = dict(message)
+        calls = message.pop("tool_calls", None) or []
+        if takes_tool_calls:
+            if calls:
+                message["tool_calls"] = [
+                    {**call, "function": {**call["function"], "arguments": _arguments(call["function"])}}
+                    for call in calls
+                ]
+        elif calls:
+            written = "\n".join(
+                f"{CALL_OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': _arguments(c['function'])})}"
+                f"\n{CALL_CLOSE}"
+                for c in calls
+            )
+            message["content"] = f"{message.get('content') or ''}\n{written}".lstrip("\n")
+        elif message.get("role") == "tool":
+            message = {"role": "user", "content": f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"}
+        converted.append(message)
+    return converted
+
+
+def _arguments(function: Mapping[str, Any]) -> Any:
+    """A call's arguments as an object when they are JSON (they should be), else as the text sent."""
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
 
 
 def ensure_single_bos(token_ids: list[int], bos_id: int | None, add_bos: bool) -> list[int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.errors import GenerationError
+from backends.grammar import SequenceMatcher
 from backends.model import GenerationParams, TokenLogprob
 
 UNLOADED = "The model was unloaded while this request was generating"
@@ -40,10 +41,19 @@ class EngineRequest:
     abandoned: threading.Event = field(default_factory=threading.Event)  # the reader stopped reading
     events: queue.SimpleQueue[EngineEvent] = field(default_factory=queue.SimpleQueue)
     cached_tokens: int = 0  # of the prompt, found in the cache instead of computed; set when it gets a slot
+    constraint: SequenceMatcher | None = None  # this sequence's grammar state, when its output is constrained
 
     @property
     def cancelled(self) -> bool:
         return self.cancel.is_set() or self.abandoned.is_set()
+
+    def grammar_ended(self, token: int) -> bool:
+        """Feed a sampled token (not the end of sequence) to the grammar; True when the grammar is complete and
+        allows nothing more, so the request ends there, as at the end of sequence."""
+        if self.constraint is None:
+            return False
+        self.constraint.accept(token)
+        return self.constraint.ended
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from backends import GenerationParams, Model, PreparedPrompt
+from backends.grammar import check_json_schema, grammar_problem, json_schema_grammar, lark_grammar
 from backends.model import TokenLogprob as BackendTokenLogprob
+from backends.tools import CallStart, Content, Piece, ToolCallParser, call_grammar
 from proxy.errors import APIError
 from proxy.protocol import (
     ChatCompletion,
@@ -18,7 +21,14 @@ from proxy.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    FunctionCall,
+    FunctionCallDelta,
+    NamedToolChoice,
+    ResponseFormatJSONObject,
+    ResponseFormatJSONSchema,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -26,8 +36,10 @@ from proxy.serving import SYSTEM_FINGERPRINT, GeneratedChoice, OpenAIServing, Re
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: role and a plain string content."""
+    """Messages as chat templates expect them: role, a plain string content, and an assistant's tool calls and a
+    tool result's call id (``backends.prompting.template_messages`` renders those for templates that can't)."""
     converted = []
+    calls_made: set[str] = set()
     for index, message in enumerate(messages):
         content = message.content
         if isinstance(content, list):
@@ -43,31 +55,130 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 texts.append(part.text)
             content = "".join(texts)
         role = "system" if message.role == "developer" else message.role  # templates know "system", not "developer"
-        converted.append({"role": role, "content": content or ""})
+        entry: dict[str, Any] = {"role": role, "content": content or ""}
+        if message.tool_calls:
+            if role != "assistant":
+                raise APIError(
+                    400,
+                    f"Only assistant messages can have tool_calls, not a {message.role} message",
+                    param=f"messages[{index}].tool_calls",
+                    code="invalid_value",
+                )
+            entry["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+                for call in message.tool_calls
+            ]
+            calls_made.update(call.id for call in message.tool_calls)
+        if role == "tool":
+            if not message.tool_call_id:
+                raise APIError(
+                    400,
+                    "A tool message needs tool_call_id: the id of the call it answers",
+                    param=f"messages[{index}].tool_call_id",
+                    code="missing_required_parameter",
+                )
+            if message.tool_call_id not in calls_made:
+                raise APIError(
+                    400,
+                    f"tool_call_id '{message.tool_call_id}' answers no tool call of an earlier assistant message",
+                    param=f"messages[{index}].tool_call_id",
+                    code="invalid_value",
+                )
+            entry["tool_call_id"] = message.tool_call_id
+        elif message.tool_call_id is not None:
+            raise APIError(
+                400,
+                f"Only tool messages have a tool_call_id, not a {message.role} message",
+                param=f"messages[{index}].tool_call_id",
+                code="invalid_value",
+            )
+        converted.append(entry)
     return converted
 
 
 def refuse_unsupported(request: ChatCompletionRequest) -> None:
     """A 400 for every field we cannot honour, rather than a response that silently ignores it."""
     unsupported = {
-        "tools": bool(request.tools),
-        "tool_choice": request.tool_choice not in (None, "none"),
         "functions": bool(request.functions),
         "function_call": request.function_call not in (None, "none"),
-        "response_format": request.response_format not in (None, {"type": "text"}),
         "logit_bias": bool(request.logit_bias),
         "audio": request.audio is not None,
         "modalities": request.modalities not in (None, ["text"]),
         "prediction": request.prediction is not None,
     }
+    hints = {"functions": " (use tools)", "function_call": " (use tool_choice)"}
     for param, used in unsupported.items():
         if used:
             raise APIError(
                 400,
-                f"'{param}' is not supported by this server (clemproxy generates plain text only)",
+                f"'{param}' is not supported by this server{hints.get(param, '')}",
                 param=param,
                 code="unsupported_parameter",
             )
+
+
+def calls_tools(request: ChatCompletionRequest) -> bool:
+    """Whether the answer may hold tool calls, parsed out of the model's text."""
+    return bool(request.tools) and request.tool_choice != "none"
+
+
+def answer_schema(request: ChatCompletionRequest) -> tuple[dict[str, Any] | None, str]:
+    """The JSON Schema ``response_format`` asks the answer to follow (None: free text), and its field's name."""
+    response_format = request.response_format
+    if isinstance(response_format, ResponseFormatJSONObject):
+        return {"type": "object"}, "response_format"
+    if isinstance(response_format, ResponseFormatJSONSchema):
+        schema = response_format.json_schema.schema
+        return (schema if schema is not None else {"type": "object"}), "response_format.json_schema.schema"
+    return None, "response_format"
+
+
+def constraint_of(request: ChatCompletionRequest) -> tuple[tuple[dict[str, Any], ...], str | None]:
+    """The tools the prompt shows and the grammar the answer must match, each schema checked first, so that a
+    400 names the field that is wrong before anything is generated."""
+    schema, schema_param = answer_schema(request)
+    if schema is not None:
+        check_json_schema(schema, schema_param)
+    tools = request.tools or []
+    if request.tool_choice not in (None, "none") and not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+    functions = []
+    for index, tool in enumerate(tools):
+        function = {
+            "name": tool.function.name,
+            "parameters": tool.function.parameters or {"type": "object", "properties": {}},
+        }
+        check_json_schema(function["parameters"], f"tools[{index}].function.parameters")
+        if tool.function.description is not None:
+            function["description"] = tool.function.description
+        functions.append(function)
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise APIError(400, "Two tools have the same function name", param="tools", code="invalid_value")
+    if not calls_tools(request):
+        return (), json_schema_grammar(schema) if schema is not None else None
+    choice = request.tool_choice or "auto"
+    if isinstance(choice, NamedToolChoice):
+        chosen = [f for f in functions if f["name"] == choice.function.name]
+        if not chosen:
+            raise APIError(
+                400,
+                f"tool_choice names the function '{choice.function.name}', which is not among the tools",
+                param="tool_choice.function.name",
+                code="invalid_value",
+            )
+    else:
+        chosen = functions
+    parallel = request.parallel_tool_calls is not False
+    grammar = lark_grammar(call_grammar(chosen, forced=choice != "auto", parallel=parallel, answer_schema=schema))
+    if problem := grammar_problem(grammar):
+        raise APIError(400, f"These tools cannot be enforced together: {problem}", param="tools", code="invalid_schema")
+    shown = tuple({"type": "function", "function": {k: v for k, v in f.items()}} for f in functions)
+    return shown, grammar
 
 
 def wire_logprobs(entries: list[BackendTokenLogprob]) -> ChoiceLogprobs:
@@ -93,6 +204,8 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
     def parameters(self, request: ChatCompletionRequest, spec: Mapping[str, Any]) -> tuple[GenerationParams, Messages]:
         refuse_unsupported(request)
         self.limits.check_messages(len(request.messages))
+        messages = message_dicts(request.messages)
+        tools, grammar = constraint_of(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
         if request.max_completion_tokens is not None:
@@ -107,7 +220,7 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
             top_logprobs=request.top_logprobs or 0,
             template_kwargs=request.chat_template_kwargs,
         )
-        return params, message_dicts(request.messages)
+        return dataclasses.replace(params, tools=tools, grammar=grammar), messages
 
     def prompts(self, model: Model, inputs: Messages, params: GenerationParams) -> list[PreparedPrompt]:
         return [model.prepare(inputs, params)]
@@ -119,18 +232,36 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
             id=head.id,
             created=head.created,
             model=head.model,
-            choices=[
-                Choice(
-                    index=choice.index,
-                    message=ChatCompletionMessage(content=choice.text),
-                    finish_reason=choice.outcome.finish_reason,
-                    logprobs=wire_logprobs(choice.outcome.logprobs) if choice.params.logprobs else None,
-                )
-                for choice in choices
-            ],
+            choices=[self._choice(request, choice) for choice in choices],
             usage=usage_of(choices),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
+
+    def _choice(self, request: ChatCompletionRequest, choice: GeneratedChoice) -> Choice:
+        message = ChatCompletionMessage(content=choice.text)
+        if calls_tools(request):
+            parser = ToolCallParser()
+            parser.feed(choice.text)
+            parser.finish()
+            message.content = parser.content
+            if parser.calls:
+                message.tool_calls = [
+                    ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+                    for call in parser.calls
+                ]
+            choice.parser = parser
+        return Choice(
+            index=choice.index,
+            message=message,
+            finish_reason=self._finish_reason(choice),
+            logprobs=wire_logprobs(choice.outcome.logprobs) if choice.params.logprobs else None,
+        )
+
+    @staticmethod
+    def _finish_reason(choice: GeneratedChoice) -> str:
+        """OpenAI's: "tool_calls" when the model called tools and stopped by itself."""
+        called = choice.parser is not None and choice.parser.calls
+        return "tool_calls" if called and choice.outcome.finish_reason == "stop" else choice.outcome.finish_reason
 
     @staticmethod
     def _chunk(head: ResponseHead, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
@@ -146,22 +277,50 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
         return wire_logprobs(choice.fresh_logprobs()) if choice.params.logprobs else None
 
     def start_events(self, request: ChatCompletionRequest, head: ResponseHead, choice: GeneratedChoice) -> list[Any]:
+        if calls_tools(request):
+            choice.parser = ToolCallParser()
         return [self._chunk(head, [ChunkChoice(index=choice.index, delta=Delta(role="assistant", content=""))])]
 
-    def delta_event(
+    def delta_events(
         self, request: ChatCompletionRequest, head: ResponseHead, choice: GeneratedChoice, delta: str
-    ) -> Any:
-        chunk = ChunkChoice(index=choice.index, delta=Delta(content=delta), logprobs=self._logprobs(choice))
-        return self._chunk(head, [chunk])
+    ) -> list[Any]:
+        if choice.parser is None:
+            chunk = ChunkChoice(index=choice.index, delta=Delta(content=delta), logprobs=self._logprobs(choice))
+            return [self._chunk(head, [chunk])]
+        return self._piece_chunks(head, choice, choice.parser.feed(delta))
 
-    def end_event(self, request: ChatCompletionRequest, head: ResponseHead, choice: GeneratedChoice) -> Any:
+    def _piece_chunks(self, head: ResponseHead, choice: GeneratedChoice, pieces: list[Piece]) -> list[Any]:
+        """One chunk per piece of content or of a call (its id and name, then pieces of its arguments)."""
+        chunks = []
+        for piece in pieces:
+            if isinstance(piece, Content):
+                delta = Delta(content=piece.text)
+            elif isinstance(piece, CallStart):
+                call = ToolCallDelta(
+                    index=piece.index,
+                    id=piece.id,
+                    type="function",
+                    function=FunctionCallDelta(name=piece.name, arguments=""),
+                )
+                delta = Delta(tool_calls=[call])
+            else:
+                delta = Delta(
+                    tool_calls=[ToolCallDelta(index=piece.index, function=FunctionCallDelta(arguments=piece.text))]
+                )
+            chunks.append(
+                self._chunk(head, [ChunkChoice(index=choice.index, delta=delta, logprobs=self._logprobs(choice))])
+            )
+        return chunks
+
+    def end_events(self, request: ChatCompletionRequest, head: ResponseHead, choice: GeneratedChoice) -> list[Any]:
+        chunks = self._piece_chunks(head, choice, choice.parser.finish()) if choice.parser is not None else []
         finish = ChunkChoice(
             index=choice.index,
             delta=Delta(),
-            finish_reason=choice.outcome.finish_reason,
+            finish_reason=self._finish_reason(choice),
             logprobs=self._logprobs(choice),
         )
-        return self._chunk(head, [finish])
+        return [*chunks, self._chunk(head, [finish])]
 
     def usage_event(self, request: ChatCompletionRequest, head: ResponseHead, usage: Usage) -> Any:
         return self._chunk(head, [], usage)

@@ -95,20 +95,22 @@ class CompletionService(OpenAIServing[CompletionRequest, list[str], Completion])
             self._completion(head, [CompletionChoice(index=choice.index, text=choice.prompt.text, finish_reason=None)])
         ]
 
-    def delta_event(self, request: CompletionRequest, head: ResponseHead, choice: GeneratedChoice, delta: str) -> Any:
+    def delta_events(
+        self, request: CompletionRequest, head: ResponseHead, choice: GeneratedChoice, delta: str
+    ) -> list[Any]:
         text = CompletionChoice(
             index=choice.index, text=delta, finish_reason=None, logprobs=self._logprobs(request, choice)
         )
-        return self._completion(head, [text])
+        return [self._completion(head, [text])]
 
-    def end_event(self, request: CompletionRequest, head: ResponseHead, choice: GeneratedChoice) -> Any:
+    def end_events(self, request: CompletionRequest, head: ResponseHead, choice: GeneratedChoice) -> list[Any]:
         finish = CompletionChoice(
             index=choice.index,
             text="",
             finish_reason=choice.outcome.finish_reason,
             logprobs=self._logprobs(request, choice),
         )
-        return self._completion(head, [finish])
+        return [self._completion(head, [finish])]
 
     def usage_event(self, request: CompletionRequest, head: ResponseHead, usage: Usage) -> Any:
         completion = self._completion(head, [])

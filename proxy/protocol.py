@@ -19,10 +19,71 @@ class ContentPart(Struct):
     text: str | None = None
 
 
+class FunctionCall(Struct):
+    name: Annotated[str, Meta(min_length=1)]
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(Struct):
+    """A call an assistant made, as OpenAI returns it and as clients send it back in the history."""
+
+    id: Annotated[str, Meta(min_length=1)]
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(Struct):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool message's: the call it answers
+
+
+FunctionName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(Struct):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema of the arguments; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(Struct):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(Struct):
+    name: Annotated[str, Meta(min_length=1)]
+
+
+class NamedToolChoice(Struct):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+class ResponseFormatText(Struct, tag_field="type", tag="text"):
+    pass
+
+
+class ResponseFormatJSONObject(Struct, tag_field="type", tag="json_object"):
+    pass
+
+
+class JSONSchemaFormat(Struct):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    schema: dict[str, Any] | None = None  # none: any JSON object
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(Struct, tag_field="type", tag="json_schema"):
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema
 
 
 class StreamOptions(Struct):
@@ -45,14 +106,15 @@ class ChatCompletionRequest(Struct):
     presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # OpenAI fields this server cannot honour yet: accepted by the decoder, refused with a 400 that says so.
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    # OpenAI fields this server cannot honour: accepted by the decoder, refused with a 400 that says so.
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     logit_bias: dict[str, float] | None = None
     audio: Any = None
     modalities: list[str] | None = None
@@ -97,6 +159,7 @@ class ChatCompletionMessage(Struct):
     content: str | None
     role: Literal["assistant"] = "assistant"
     refusal: str | None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET  # when the model called tools
 
 
 class TopLogprob(Struct):
@@ -134,9 +197,22 @@ class ChatCompletion(Struct):
     object: Literal["chat.completion"] = "chat.completion"
 
 
+class FunctionCallDelta(Struct):
+    name: str | UnsetType = UNSET  # in a call's first chunk
+    arguments: str | UnsetType = UNSET  # a piece of the arguments; "" in the first chunk
+
+
+class ToolCallDelta(Struct):
+    index: int
+    id: str | UnsetType = UNSET  # in a call's first chunk, with its type and name
+    type: Literal["function"] | UnsetType = UNSET
+    function: FunctionCallDelta | UnsetType = UNSET
+
+
 class Delta(Struct):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 
 
 class ChunkChoice(Struct):

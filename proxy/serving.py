@@ -56,7 +56,7 @@ def generation_params(
     """A request's settings as the backends take them. Temperature and top_p the request leaves out come from
     the registry entry, else ``GenerationParams``' own defaults (OpenAI's)."""
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
-    sampling: dict[str, float] = {}
+    sampling: dict[str, Any] = {}
     for key in ("temperature", "top_p"):
         value = getattr(request, key)
         value = spec.get(key) if value is None else value
@@ -94,6 +94,7 @@ class GeneratedChoice:
     outcome: GenerationOutcome = field(default_factory=GenerationOutcome)
     text: str = ""  # the cleaned text so far: all of it once generated
     logprobs_sent: int = 0
+    parser: Any = None  # the endpoint's reader of a streamed text (``backends.tools.ToolCallParser``)
 
     def fresh_logprobs(self) -> list[TokenLogprob]:
         """Log probabilities not yet sent in a stream chunk."""
@@ -186,12 +187,13 @@ class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
         """Chunks that open a choice in a stream (the assistant role, an echoed prompt)."""
 
     @abstractmethod
-    def delta_event(self, request: RequestT, head: ResponseHead, choice: GeneratedChoice, delta: str) -> Any:
-        """The chunk for one text delta; ``choice.text`` is still the text before it."""
+    def delta_events(self, request: RequestT, head: ResponseHead, choice: GeneratedChoice, delta: str) -> list[Any]:
+        """The chunks for one text delta (none while it is held back); ``choice.text`` is still the text before
+        it."""
 
     @abstractmethod
-    def end_event(self, request: RequestT, head: ResponseHead, choice: GeneratedChoice) -> Any:
-        """The chunk that ends a choice, with its finish reason."""
+    def end_events(self, request: RequestT, head: ResponseHead, choice: GeneratedChoice) -> list[Any]:
+        """The chunks that end a choice: what was held back, then its finish reason."""
 
     @abstractmethod
     def usage_event(self, request: RequestT, head: ResponseHead, usage: Usage) -> Any:
@@ -254,11 +256,13 @@ class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
                         yield sse(event)
                     async with aclosing(self._generate(request.model, lease, choice)) as deltas:
                         async for delta in deltas:
-                            yield sse(self.delta_event(request, head, choice, delta))
+                            for event in self.delta_events(request, head, choice, delta):
+                                yield sse(event)
                             choice.text += delta
                     if error := lease.error():
                         raise error
-                    yield sse(self.end_event(request, head, choice))
+                    for event in self.end_events(request, head, choice):
+                        yield sse(event)
                 if include_usage:
                     yield sse(self.usage_event(request, head, usage_of(choices)))
             except Exception as exc:

@@ -114,8 +114,8 @@ def test_unknown_route_is_404_envelope(api_server: RunningServer) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-        ("response_format", {"type": "json_object"}),
+        ("functions", [{"name": "f", "parameters": {"type": "object"}}]),  # the deprecated form of tools
+        ("prediction", {"type": "content", "content": "Red"}),
         ("logit_bias", {"50256": -100}),
     ],
 )
