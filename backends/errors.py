@@ -114,3 +114,19 @@ class CredentialsError(BackendError):
     status = 500
     error_type = "server_error"
     code = "missing_credentials"
+
+
+class GrammarError(BackendError):
+    """A schema or grammar that llguidance cannot enforce; ``param`` names the request field it came from."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_schema"
+
+
+class ConstraintUnavailableError(BackendError):
+    """This model cannot be constrained (a slow tokenizer, for one)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "unsupported_parameter"

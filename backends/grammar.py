@@ -24,29 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from backends.errors import BackendError
+from backends.errors import BackendError, ConstraintUnavailableError, GrammarError
 
 # JSON as Python's json.dumps writes it, the form models see most: ", " and ": ", no other whitespace.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHED_GRAMMARS = 64  # compiled grammars a model keeps, least recently used dropped first
 # What a token's logit gets added, by its bit in the mask: forbidden, allowed.
 _ALLOWED_PENALTY = np.array([-np.inf, 0.0], dtype=np.float32)
-
-
-class GrammarError(BackendError):
-    """A schema or grammar that llguidance cannot enforce; ``param`` names the request field it came from."""
-
-    status = 400
-    error_type = "invalid_request_error"
-    code = "invalid_schema"
-
-
-class ConstraintUnavailableError(BackendError):
-    """This model cannot be constrained (a slow tokenizer, for one)."""
-
-    status = 400
-    error_type = "invalid_request_error"
-    code = "unsupported_parameter"
 
 
 def _llguidance() -> Any:

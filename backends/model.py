@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from backends.cleaning import OutputCleaner
-from backends.errors import ContextLengthExceededError, PromptRenderError
-from backends.grammar import CompiledGrammar, ConstraintUnavailableError, GrammarCompiler
+from backends.errors import ConstraintUnavailableError, ContextLengthExceededError, PromptRenderError
+from backends.grammar import CompiledGrammar, GrammarCompiler
 from backends.placement import PLACEMENT_KEYS, check_placement
 from backends.prompting import ChatTemplate
 from backends.spec import ModelSpec, parse_context_size

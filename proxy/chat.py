@@ -58,46 +58,40 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": role, "content": content or ""}
         if message.tool_calls:
             if role != "assistant":
-                raise APIError(
-                    400,
-                    f"Only assistant messages can have tool_calls, not a {message.role} message",
-                    param=f"messages[{index}].tool_calls",
-                    code="invalid_value",
+                raise _invalid(
+                    f"Only assistant messages can have tool_calls, not a {message.role} message", index, "tool_calls"
                 )
             entry["tool_calls"] = [
                 {
-                    "id": call.id,
+                    "id": c.id,
                     "type": "function",
-                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
                 }
-                for call in message.tool_calls
+                for c in message.tool_calls
             ]
             calls_made.update(call.id for call in message.tool_calls)
         if role == "tool":
             if not message.tool_call_id:
-                raise APIError(
-                    400,
+                raise _invalid(
                     "A tool message needs tool_call_id: the id of the call it answers",
-                    param=f"messages[{index}].tool_call_id",
+                    index,
+                    "tool_call_id",
                     code="missing_required_parameter",
                 )
             if message.tool_call_id not in calls_made:
-                raise APIError(
-                    400,
-                    f"tool_call_id '{message.tool_call_id}' answers no tool call of an earlier assistant message",
-                    param=f"messages[{index}].tool_call_id",
-                    code="invalid_value",
-                )
+                answers = f"tool_call_id '{message.tool_call_id}' answers no tool call of an earlier assistant message"
+                raise _invalid(answers, index, "tool_call_id")
             entry["tool_call_id"] = message.tool_call_id
         elif message.tool_call_id is not None:
-            raise APIError(
-                400,
-                f"Only tool messages have a tool_call_id, not a {message.role} message",
-                param=f"messages[{index}].tool_call_id",
-                code="invalid_value",
+            raise _invalid(
+                f"Only tool messages have a tool_call_id, not a {message.role} message", index, "tool_call_id"
             )
         converted.append(entry)
     return converted
+
+
+def _invalid(message: str, index: int, field: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=f"messages[{index}].{field}", code=code)
 
 
 def refuse_unsupported(request: ChatCompletionRequest) -> None:

@@ -71,7 +71,7 @@ def test_call_grammars_are_valid(forced: bool, parallel: bool, answer: Any) -> N
 
 
 def test_schema_problems_name_the_field() -> None:
-    from backends.grammar import GrammarError
+    from backends.errors import GrammarError
 
     with pytest.raises(GrammarError) as raised:
         check_json_schema({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}}, "p.q")
