@@ -154,6 +154,22 @@ class SlotEngine(ABC):
         if request is not None:
             request.events.put(EngineEvent(finish_reason=reason, error=error))
 
+    def _took(self, slot: Slot, token: int) -> None:
+        """After a sampled token (not the end of sequence) was sent: end the request if its grammar is complete
+        ("stop"), or refused the token (an error for this request only), or it has ``max_tokens``."""
+        request = slot.request
+        assert request is not None
+        try:
+            ended = request.grammar_ended(token)
+        except GenerationError as exc:
+            logger.error("%s: %s", self.name, exc.message)
+            self._finish(slot, "cancelled", error=exc)
+            return
+        if ended:
+            self._finish(slot, "stop")
+        elif slot.generated >= request.max_tokens:
+            self._finish(slot, "length")
+
     @abstractmethod
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:
         """Give the request one of the idle slots, with what the cache holds of its prompt."""

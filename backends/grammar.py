@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.errors import BackendError, ConstraintUnavailableError, GrammarError
+from backends.errors import ConstraintUnavailableError, GenerationError, GrammarError
 
 # JSON as Python's json.dumps writes it, the form models see most: ", " and ": ", no other whitespace.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -108,9 +108,9 @@ class SequenceMatcher:
         return logits + torch.from_numpy(self.penalty()).to(logits.device)
 
     def accept(self, token: int) -> None:
-        """Take the token the sampler chose; it was allowed, so only a bug makes this fail."""
+        """Take the token the sampler chose; it was allowed, so only a bug makes this fail (``GenerationError``)."""
         if not self._matcher.consume_token(token):
-            raise BackendError(f"the grammar refused token {token}: {self._matcher.get_error()}")
+            raise GenerationError(f"The grammar refused token {token}: {self._matcher.get_error()}")
 
     @property
     def ended(self) -> bool:

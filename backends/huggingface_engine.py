@@ -385,10 +385,7 @@ class TransformersEngine(SlotEngine):
         slot.generated += 1
         slot.next_token = token
         request.events.put(EngineEvent(token=token, logprob=logprob))
-        if request.grammar_ended(token):
-            self._finish(slot, "stop")
-        elif slot.generated >= request.max_tokens:
-            self._finish(slot, "length")
+        self._took(slot, token)
 
 
 def _forward_parameters(model: Any) -> frozenset[str]:

@@ -384,8 +384,9 @@ class HuggingfaceLocalModel(Model):
         if engine is not None:
             from backends.engine_loop import engine_tokens
 
-            request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel)
-            request.constraint = prompt.constraint.matcher() if prompt.constraint is not None else None
+            request = EngineRequest(
+                prompt.token_ids, prompt.max_tokens, params, cancel=cancel, constraint=prompt.matcher()
+            )
             tokens = engine_tokens(engine, request, outcome)
         else:
             tokens = self._tokens_alone(prompt, params, cancel, outcome)
@@ -411,7 +412,7 @@ class HuggingfaceLocalModel(Model):
         model = self._require_loaded()[0]
         device = model.get_input_embeddings().weight.device
         sampler = TorchSampler(params, device)
-        constraint = prompt.constraint.matcher() if prompt.constraint is not None else None
+        constraint = prompt.matcher()
         next_input = torch.tensor([prompt.token_ids], device=device)
         cache = None
         with torch.inference_mode():

@@ -215,8 +215,7 @@ class LlamaCppModel(Model):
         outcome.finish_reason = "length"
         if prompt.max_tokens <= 0:
             return
-        request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel)
-        request.constraint = prompt.constraint.matcher() if prompt.constraint is not None else None
+        request = EngineRequest(prompt.token_ids, prompt.max_tokens, params, cancel=cancel, constraint=prompt.matcher())
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens = engine_tokens(engine, request, outcome)
         try:

@@ -250,10 +250,11 @@ class LlamaCppEngine(SlotEngine):
         for slot in sampling:
             request = slot.request
             assert request is not None
-            raw = None
+            raw = None  # the logits before the mask, for logprobs
             if request.params.logprobs or request.constraint is not None:
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, slot.output), (self.n_vocab,))
-                raw = logits.copy() if request.params.logprobs and request.constraint is not None else logits
+                if request.params.logprobs:
+                    raw = logits.copy() if request.constraint is not None else logits
                 if request.constraint is not None:  # the sampler reads these logits: mask them where they are
                     request.constraint.allow_numpy(logits)
             token = int(llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.output))
@@ -266,10 +267,7 @@ class LlamaCppEngine(SlotEngine):
             slot.generated += 1
             slot.next_token = token
             request.events.put(EngineEvent(token=token, logprob=logprob))
-            if request.grammar_ended(token):
-                self._finish(slot, "stop")
-            elif slot.generated >= request.max_tokens:
-                self._finish(slot, "length")
+            self._took(slot, token)
 
     def _piece_with_specials(self, token: int) -> bytes:
         return token_piece(self._llama, self._vocab, token, special=True)

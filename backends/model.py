@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from backends.cleaning import OutputCleaner
 from backends.errors import ConstraintUnavailableError, ContextLengthExceededError, PromptRenderError
-from backends.grammar import CompiledGrammar, GrammarCompiler
+from backends.grammar import CompiledGrammar, GrammarCompiler, SequenceMatcher
 from backends.placement import PLACEMENT_KEYS, check_placement
 from backends.prompting import ChatTemplate
 from backends.spec import ModelSpec, parse_context_size
@@ -75,6 +75,10 @@ class PreparedPrompt:
     token_ids: tuple[int, ...]
     max_tokens: int
     constraint: CompiledGrammar | None = None  # ``params.grammar`` compiled for this model's vocabulary
+
+    def matcher(self) -> SequenceMatcher | None:
+        """A fresh grammar state for one sequence generated from this prompt, when its output is constrained."""
+        return self.constraint.matcher() if self.constraint is not None else None
 
 
 @dataclass(frozen=True)
