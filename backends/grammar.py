@@ -45,7 +45,7 @@ def with_json_options(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def json_schema_grammar(schema: Any) -> str:
-    """llguidance's grammar for a JSON Schema (a dict), compact JSON. Not checked yet: see ``check_grammar``."""
+    """llguidance's grammar for a JSON Schema (a dict), with ``JSON_OPTIONS``; unchecked (``check_json_schema``)."""
     return str(_llguidance().LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS))
 
 

@@ -193,8 +193,6 @@ class HuggingfaceLocalModel(Model):
         self._tokenizer_lock = threading.Lock()
         self._engine: TransformersEngine | None = None  # None for a model the engine cannot batch
         self._info: dict[str, Any] = {}
-        self._grammar: GrammarCompiler | None = None
-        self._grammar_lock = threading.Lock()
 
     @property
     def is_loaded(self) -> bool:
@@ -437,13 +435,10 @@ class HuggingfaceLocalModel(Model):
                         return
                 next_input = torch.tensor([[token]], device=device)
 
-    def grammar_compiler(self) -> GrammarCompiler:
+    def _new_grammar_compiler(self) -> GrammarCompiler:
         model, tokenizer = self._require_loaded()
-        with self._grammar_lock:
-            if self._grammar is None:
-                n_vocab = int(model.get_output_embeddings().weight.shape[0])
-                self._grammar = GrammarCompiler.for_hf_tokenizer(tokenizer, n_vocab, self._eos_ids)
-            return self._grammar
+        n_vocab = int(model.get_output_embeddings().weight.shape[0])  # the logits' width
+        return GrammarCompiler.for_hf_tokenizer(tokenizer, n_vocab, self._eos_ids)
 
     def _token_bytes(self, token_id: int) -> bytes:
         """A token's own bytes: byte-level BPE pieces map back to bytes; others are decoded text."""

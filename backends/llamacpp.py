@@ -72,8 +72,6 @@ class LlamaCppModel(Model):
         self._model: Any = None  # llama_cpp._internals.LlamaModel
         self._engine: Any = None  # backends.llamacpp_engine.LlamaCppEngine
         self._info: dict[str, Any] = {}
-        self._grammar: GrammarCompiler | None = None
-        self._grammar_lock = threading.Lock()
 
     @classmethod
     def gpu_available(cls) -> bool:
@@ -184,17 +182,13 @@ class LlamaCppModel(Model):
         self._grammar = None
         self.chat_template = None
 
-    def grammar_compiler(self) -> GrammarCompiler:
+    def _new_grammar_compiler(self) -> GrammarCompiler:
         import llama_cpp
 
-        model = self._require_loaded()
-        with self._grammar_lock:
-            if self._grammar is None:
-                vocab = model.vocab
-                n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-                eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-                self._grammar = GrammarCompiler.for_llama_vocab(vocab, n_vocab, eog)
-            return self._grammar
+        vocab = self._require_loaded().vocab
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        return GrammarCompiler.for_llama_vocab(vocab, n_vocab, eog)
 
     def tokenize_prompt(self, text: str) -> list[int]:
         model = self._require_loaded()

@@ -174,6 +174,8 @@ class Model(ABC):
         self.chat_template: ChatTemplate | None = None
         self.context_size: int = 0
         self.tokens_generated = 0  # over the model's lifetime, counted when each generation ends
+        self._grammar: GrammarCompiler | None = None  # for this load; an unload sets it to None
+        self._grammar_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -232,7 +234,15 @@ class Model(ABC):
         return self.chat_template.render(messages, extra=template_kwargs, tools=tools)
 
     def grammar_compiler(self) -> GrammarCompiler:
-        """The loaded model's vocabulary for constrained decoding (built on first use, about a second)."""
+        """The loaded model's vocabulary for constrained decoding, built on first use (about half a second) and
+        kept until the model is unloaded."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = self._new_grammar_compiler()
+            return self._grammar
+
+    def _new_grammar_compiler(self) -> GrammarCompiler:
+        """The backend's vocabulary, as llguidance takes it."""
         raise ConstraintUnavailableError(f"the {self.backend_name} backend cannot constrain its output")
 
     def prepare(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams) -> PreparedPrompt:

@@ -74,19 +74,17 @@ def call_grammar(
     Otherwise (``auto``) any text, in which each ``<tool_call>`` starts a constrained call.
     """
     schema = json.dumps(with_json_options(call_schema(functions)))
-    call = f"call: {_lark_string(CALL_OPEN + chr(10))} %json {schema} {_lark_string(chr(10) + CALL_CLOSE)}"
+    body = f"call_body: {_lark_string(chr(10))} %json {schema} {_lark_string(chr(10) + CALL_CLOSE)}"
+    if not forced and answer_schema is None:  # auto: free text, in which each <tool_call> starts a call
+        start = "start: call* TEXT" if parallel else "start: call? TEXT"
+        head = f"head[lazy]: TEXT {_lark_string(CALL_OPEN)}"
+        return "\n".join([start, head, "call: head call_body", body, "TEXT: /(.|\\n)*/"])
+    if forced:
+        start = "start: calls"
+    else:
+        start = f"start: calls | answer\nanswer: %json {json.dumps(with_json_options(answer_schema))}"
     repeat = ' ("\\n" call)*' if parallel else ""
-    if forced or answer_schema is not None:
-        lines = [f"calls: call{repeat}", call]
-        if answer_schema is not None and not forced:
-            lines.insert(0, f"start: calls | answer\nanswer: %json {json.dumps(with_json_options(answer_schema))}")
-        else:
-            lines.insert(0, "start: calls")
-        return "\n".join(lines)
-    head = f"head[lazy]: TEXT {_lark_string(CALL_OPEN)}"
-    body = f"call: head {_lark_string(chr(10))} %json {schema} {_lark_string(chr(10) + CALL_CLOSE)}"
-    start = "start: call* TEXT" if parallel else "start: call? TEXT"
-    return "\n".join([start, head, body, "TEXT: /(.|\\n)*/"])
+    return "\n".join([start, f"calls: call{repeat}", f"call: {_lark_string(CALL_OPEN)} call_body", body])
 
 
 def new_call_id() -> str:

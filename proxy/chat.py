@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from backends import GenerationParams, Model, PreparedPrompt
-from backends.grammar import check_json_schema, grammar_problem, json_schema_grammar, lark_grammar
+from backends.grammar import check_json_schema, grammar_problem, lark_grammar
 from backends.model import TokenLogprob as BackendTokenLogprob
 from backends.tools import CallStart, Content, Piece, ToolCallParser, call_grammar
 from proxy.errors import APIError
@@ -135,8 +135,7 @@ def constraint_of(request: ChatCompletionRequest) -> tuple[tuple[dict[str, Any],
     """The tools the prompt shows and the grammar the answer must match, each schema checked first, so that a
     400 names the field that is wrong before anything is generated."""
     schema, schema_param = answer_schema(request)
-    if schema is not None:
-        check_json_schema(schema, schema_param)
+    schema_grammar = check_json_schema(schema, schema_param) if schema is not None else None
     tools = request.tools or []
     if request.tool_choice not in (None, "none") and not tools:
         raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
@@ -154,7 +153,7 @@ def constraint_of(request: ChatCompletionRequest) -> tuple[tuple[dict[str, Any],
     if len(set(names)) != len(names):
         raise APIError(400, "Two tools have the same function name", param="tools", code="invalid_value")
     if not calls_tools(request):
-        return (), json_schema_grammar(schema) if schema is not None else None
+        return (), schema_grammar
     choice = request.tool_choice or "auto"
     if isinstance(choice, NamedToolChoice):
         chosen = [f for f in functions if f["name"] == choice.function.name]
@@ -171,7 +170,7 @@ def constraint_of(request: ChatCompletionRequest) -> tuple[tuple[dict[str, Any],
     grammar = lark_grammar(call_grammar(chosen, forced=choice != "auto", parallel=parallel, answer_schema=schema))
     if problem := grammar_problem(grammar):
         raise APIError(400, f"These tools cannot be enforced together: {problem}", param="tools", code="invalid_schema")
-    shown = tuple({"type": "function", "function": {k: v for k, v in f.items()}} for f in functions)
+    shown = tuple({"type": "function", "function": function} for function in functions)
     return shown, grammar
 
 
