@@ -23,6 +23,7 @@ from backends import BackendError, ModelRegistry
 from proxy.errors import APIError
 from proxy.manager import ManagerError, ModelManager
 from proxy.security import LOGIN_PATH, SESSION_COOKIE, SESSION_SECONDS, Access, AccessControl, auth_of, requires
+from proxy.upstream import UpstreamClients, check_registry
 
 Tasks = set[asyncio.Task[Any]]
 
@@ -72,9 +73,11 @@ class AdminController(Controller):
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
         access: NamedDependency[AccessControl],
+        upstreams: NamedDependency[UpstreamClients],
         q: FromQuery[str] = "",
     ) -> Response[str]:
-        context = page_context(registry, manager, q.strip())
+        await check_registry(registry, upstreams)
+        context = page_context(registry, manager, upstreams, q.strip())
         token, cookies = csrf_token(request, access)
         signed_in = auth_of(request) == "session"
         page = ENVIRONMENT.get_template(TEMPLATE).render(**context, csrf_token=token, signed_in=signed_in)
@@ -93,9 +96,11 @@ class AdminController(Controller):
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
         access: NamedDependency[AccessControl],
+        upstreams: NamedDependency[UpstreamClients],
         name: FromPath[str],
     ) -> Response[str]:
-        return html(render_row(request, registry, manager, access, name))
+        await check_registry(registry, upstreams)
+        return html(render_row(request, registry, manager, access, upstreams, name))
 
     @post("/models/{name:str}/load", status_code=200)
     async def load(
@@ -104,6 +109,7 @@ class AdminController(Controller):
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
         access: NamedDependency[AccessControl],
+        upstreams: NamedDependency[UpstreamClients],
         admin_tasks: NamedDependency[Tasks],
         name: FromPath[str],
     ) -> Response[str] | Redirect:
@@ -111,9 +117,11 @@ class AdminController(Controller):
         try:
             override = placement_override(await request.form())
         except APIError as exc:
-            return self._answer(request, registry, manager, access, name, exc.message)
+            return self._answer(request, registry, manager, access, upstreams, name, exc.message)
+        if manager.slot(name).remote:  # nothing to load: the row says so
+            return self._answer(request, registry, manager, access, upstreams, name, None)
         task = in_background(admin_tasks, manager.load(name, override))
-        return await self._when_started(request, registry, manager, access, name, task)
+        return await self._when_started(request, registry, manager, access, upstreams, name, task)
 
     @post("/models/{name:str}/unload", status_code=200)
     async def unload(
@@ -122,12 +130,15 @@ class AdminController(Controller):
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
         access: NamedDependency[AccessControl],
+        upstreams: NamedDependency[UpstreamClients],
         admin_tasks: NamedDependency[Tasks],
         name: FromPath[str],
     ) -> Response[str] | Redirect:
         registry.lookup(name)
+        if manager.slot(name).remote:
+            return self._answer(request, registry, manager, access, upstreams, name, None)
         task = in_background(admin_tasks, manager.unload(name))
-        return await self._when_started(request, registry, manager, access, name, task)
+        return await self._when_started(request, registry, manager, access, upstreams, name, task)
 
     async def _when_started(
         self,
@@ -135,6 +146,7 @@ class AdminController(Controller):
         registry: ModelRegistry,
         manager: ModelManager,
         access: AccessControl,
+        upstreams: UpstreamClients,
         name: str,
         task: asyncio.Task[Any],
     ) -> Response[str] | Redirect:
@@ -142,7 +154,7 @@ class AdminController(Controller):
         is over."""
         await asyncio.wait({task}, timeout=0.05 if request.headers.get("hx-request") else None)
         failure = task.exception() if task.done() else None
-        return self._answer(request, registry, manager, access, name, refusal_of(failure))
+        return self._answer(request, registry, manager, access, upstreams, name, refusal_of(failure))
 
     def _answer(
         self,
@@ -150,11 +162,12 @@ class AdminController(Controller):
         registry: ModelRegistry,
         manager: ModelManager,
         access: AccessControl,
+        upstreams: UpstreamClients,
         name: str,
         error: str | None,
     ) -> Response[str] | Redirect:
         if request.headers.get("hx-request"):
-            return html(render_row(request, registry, manager, access, name, error))
+            return html(render_row(request, registry, manager, access, upstreams, name, error))
         return Redirect(path=f"/admin/?q={quote(name)}" if error else "/admin/", status_code=303)
 
 

@@ -15,6 +15,7 @@ from admin.views import model_row
 from backends import ModelRegistry
 from proxy.manager import ModelManager
 from proxy.security import CSRF_COOKIE, AccessControl
+from proxy.upstream import UpstreamClients
 
 HERE = Path(__file__).parent
 TEMPLATE = "admin.html.j2"
@@ -60,6 +61,7 @@ def render_row(
     registry: ModelRegistry,
     manager: ModelManager,
     access: AccessControl,
+    upstreams: UpstreamClients,
     name: str,
     action_error: str | None = None,
 ) -> str:
@@ -68,7 +70,7 @@ def render_row(
         ENVIRONMENT,
         TEMPLATE,
         "row",
-        model=model_row(registry, manager, name),
+        model=model_row(registry, manager, upstreams, name),
         action_error=action_error,
         csrf_token=token,
     )

@@ -15,6 +15,7 @@ from backends import BACKENDS, ModelRegistry
 from backends.weights import local_copy
 from proxy.admin_api import entry_view, process_rss_bytes
 from proxy.manager import ModelManager
+from proxy.upstream import UpstreamClients, remote_view
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,9 +86,10 @@ def placement_done(loaded: dict[str, Any] | None) -> str:
     return " · ".join(parts)
 
 
-def model_row(registry: ModelRegistry, manager: ModelManager, name: str) -> dict[str, Any]:
+def model_row(registry: ModelRegistry, manager: ModelManager, upstreams: UpstreamClients, name: str) -> dict[str, Any]:
     entry = registry.lookup(name)
-    return decorate(entry_view(registry, entry, manager.existing_slot(name)), entry.spec, time.time())
+    view = entry_view(registry, entry, manager.existing_slot(name), remote_view(entry, upstreams))
+    return decorate(view, entry.spec, time.time())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -100,7 +102,8 @@ def decorate(view: dict[str, Any], spec: Any, now: float) -> dict[str, Any]:
     gpu = gpu_summary()
     relevant = ("huggingface_id", "filename", "gguf_file", "python_package", "lookup_source")
     key = tuple((k, str(spec[k])) for k in relevant if k in spec)
-    copy = _cached_local_copy(key, int(now // 60)) if view["servable"] else None  # disks change; look again each minute
+    local = view["servable"] and view["state"] != "remote"
+    copy = _cached_local_copy(key, int(now // 60)) if local else None  # disks change; look again each minute
     view.update(
         row_id=row_id(view["name"]),
         weights_present=copy.present if copy else None,
@@ -137,13 +140,15 @@ def engine_texts(loaded: dict[str, Any] | None) -> dict[str, str]:
     return texts
 
 
-def page_context(registry: ModelRegistry, manager: ModelManager, query: str = "") -> dict[str, Any]:
+def page_context(
+    registry: ModelRegistry, manager: ModelManager, upstreams: UpstreamClients, query: str = ""
+) -> dict[str, Any]:
     now = time.time()
     shown = []
     for entry in registry:
         if query and query.lower() not in f"{entry.name} {entry.backend}".lower():
             continue
-        view = entry_view(registry, entry, manager.existing_slot(entry.name))
+        view = entry_view(registry, entry, manager.existing_slot(entry.name), remote_view(entry, upstreams))
         shown.append(decorate(view, entry.spec, now))
     return {"models": shown, "query": query, "summary": summary_context(registry, manager), "total": len(registry)}
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 from backends.huggingface_local import HuggingfaceLocalModel
 from backends.llamacpp import LlamaCppModel
 from backends.model import Model
+from backends.openai_compatible import OpenAICompatibleModel
 
 BACKENDS: dict[str, type[Model]] = {
     LlamaCppModel.backend_name: LlamaCppModel,
     HuggingfaceLocalModel.backend_name: HuggingfaceLocalModel,
+    OpenAICompatibleModel.backend_name: OpenAICompatibleModel,
 }

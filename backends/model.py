@@ -139,6 +139,7 @@ class Model(ABC):
     placement_keys: ClassVar[Mapping[str, Callable[[Any], bool]]] = PLACEMENT_KEYS  # what a load may override
 
     batches: ClassVar[bool] = False  # decodes its requests together in ``slots_of`` sequence slots
+    remote: ClassVar[bool] = False  # another server generates: requests are forwarded, nothing loads here
 
     @classmethod
     def slots_of(cls, spec: Mapping[str, Any], options: LoadOptions) -> int:

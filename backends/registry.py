@@ -23,6 +23,7 @@ import jinja2
 
 from backends.catalog import BACKENDS
 from backends.errors import InvalidModelEntryError, UnknownModelError, UnsupportedBackendError
+from backends.openai_compatible import is_base_url
 from backends.prompting import compile_template
 from backends.spec import ModelSpec
 
@@ -38,7 +39,6 @@ SERVED_BACKENDS = frozenset(BACKENDS)
 CLEMBENCH_OTHER_BACKENDS = frozenset(
     {
         "openai",
-        "openai_compatible",
         "anthropic",
         "cohere",
         "google",
@@ -110,6 +110,8 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), '"float32", "bfloat16" or "float16"'),
     "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "model_id": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string (the name sent upstream)"),
+    "base_url": (is_base_url, 'an http(s) URL such as "http://gpu-node:8000/v1"'),
 }
 
 
@@ -241,6 +243,7 @@ def validate_entry(flat: Mapping[str, Any]) -> list[Problem]:
 
     if (
         backend in SERVED_BACKENDS
+        and not BACKENDS[backend].remote
         and flat.get("premade_chat_template") is False
         and not flat.get("custom_chat_template")
     ):

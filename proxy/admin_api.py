@@ -22,6 +22,7 @@ from proxy.errors import APIError
 from proxy.manager import ModelManager, ModelSlot
 from proxy.security import Access, requires
 from proxy.settings import total_memory_bytes
+from proxy.upstream import UpstreamClients, check_registry, remote_view
 
 
 def process_rss_bytes() -> int:
@@ -33,7 +34,12 @@ def process_rss_bytes() -> int:
         return 0
 
 
-def entry_view(registry: ModelRegistry, entry: RegistryEntry, slot: ModelSlot | None) -> dict[str, Any]:
+REMOTE_NOTE = "served by its upstream server: there is nothing to load or unload here"
+
+
+def entry_view(
+    registry: ModelRegistry, entry: RegistryEntry, slot: ModelSlot | None, remote: dict[str, Any] | None = None
+) -> dict[str, Any]:
     spec = entry.spec
     view: dict[str, Any] = {
         "name": entry.name,
@@ -52,6 +58,8 @@ def entry_view(registry: ModelRegistry, entry: RegistryEntry, slot: ModelSlot | 
         view.update(slot.describe())
     else:
         view.update(state="unloaded" if entry.is_served else "unservable", in_flight=0, queued=0, loaded=None)
+    if remote is not None:  # an openai_compatible entry: always there, never loaded
+        view.update(state="remote", remote=remote, note=REMOTE_NOTE, loaded=None)
     return view
 
 
@@ -73,9 +81,16 @@ class AdminAPIController(Controller):
 
     @get("/models")
     async def list_models(
-        self, registry: NamedDependency[ModelRegistry], manager: NamedDependency[ModelManager]
+        self,
+        registry: NamedDependency[ModelRegistry],
+        manager: NamedDependency[ModelManager],
+        upstreams: NamedDependency[UpstreamClients],
     ) -> dict[str, Any]:
-        models = [entry_view(registry, entry, manager.existing_slot(entry.name)) for entry in registry]
+        await check_registry(registry, upstreams)
+        models = [
+            entry_view(registry, entry, manager.existing_slot(entry.name), remote_view(entry, upstreams))
+            for entry in registry
+        ]
         return {
             "models": models,
             "loaded": manager.loaded_names(),
@@ -96,10 +111,12 @@ class AdminAPIController(Controller):
         self,
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
+        upstreams: NamedDependency[UpstreamClients],
         name: FromPath[str],
     ) -> dict[str, Any]:
         entry = registry.lookup(name)
-        return entry_view(registry, entry, manager.existing_slot(name))
+        await check_registry(registry, upstreams)
+        return entry_view(registry, entry, manager.existing_slot(name), remote_view(entry, upstreams))
 
     @post("/models/{name:str}/load", status_code=200)
     async def load_model(
@@ -107,18 +124,25 @@ class AdminAPIController(Controller):
         request: Request[Any, Any, Any],
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
+        upstreams: NamedDependency[UpstreamClients],
         name: FromPath[str],
     ) -> dict[str, Any]:
+        """Loads a local model; for a remote entry it does nothing, and the row says so."""
         override = decode_override(await request.body())
-        slot = await manager.load(name, override)
-        return entry_view(registry, registry.lookup(name), slot)
+        entry = registry.lookup(name)
+        remote = remote_view(entry, upstreams)
+        slot = manager.slot(name) if remote is not None else await manager.load(name, override)
+        return entry_view(registry, entry, slot, remote)
 
     @post("/models/{name:str}/unload", status_code=200)
     async def unload_model(
         self,
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
+        upstreams: NamedDependency[UpstreamClients],
         name: FromPath[str],
     ) -> dict[str, Any]:
-        slot = await manager.unload(name)
-        return entry_view(registry, registry.lookup(name), slot)
+        entry = registry.lookup(name)
+        remote = remote_view(entry, upstreams)
+        slot = manager.slot(name) if remote is not None else await manager.unload(name)
+        return entry_view(registry, entry, slot, remote)

@@ -28,6 +28,7 @@ from proxy.metrics import Metrics, MetricsController
 from proxy.routes import HealthController, OpenAIController
 from proxy.security import AccessControl, SignInRequired, access_middleware, handle_sign_in_required
 from proxy.settings import Settings
+from proxy.upstream import Forwarder, UpstreamClients, UpstreamErrorResponse, handle_upstream_error
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class Services:
     limits: RequestLimits
     chat_service: ChatCompletionService
     completion_service: CompletionService
+    upstreams: UpstreamClients
+    forwarder: Forwarder
     started_at: float
 
     @classmethod
@@ -71,6 +74,7 @@ class Services:
         )
         metrics.watch(manager)
         limits = RequestLimits(settings.limits)
+        upstreams = UpstreamClients(settings.cluster)
         return cls(
             settings=settings,
             registry=registry,
@@ -86,6 +90,8 @@ class Services:
             limits=limits,
             chat_service=ChatCompletionService(manager, limits, metrics),
             completion_service=CompletionService(manager, limits, metrics),
+            upstreams=upstreams,
+            forwarder=Forwarder(manager, upstreams, metrics),
             started_at=time.time(),
         )
 
@@ -139,12 +145,17 @@ def create_app(
             if idle_unloader is not None:
                 idle_unloader.cancel()
             await manager.close()
+            await services.upstreams.close()
 
     app = Litestar(
         route_handlers=[OpenAIController, HealthController, AdminAPIController, MetricsController],
         dependencies=services.dependencies(),
         guards=[services.access.guard],  # every route: closed unless its handler declares an Access level
-        exception_handlers={**EXCEPTION_HANDLERS, SignInRequired: handle_sign_in_required},
+        exception_handlers={
+            **EXCEPTION_HANDLERS,
+            SignInRequired: handle_sign_in_required,
+            UpstreamErrorResponse: handle_upstream_error,
+        },
         lifespan=[lifespan],
         openapi_config=None,
         logging_config=None,  # the CLI configures logging (one redacting handler); Litestar would replace it

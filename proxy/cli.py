@@ -23,7 +23,7 @@ from typing import Any
 import click
 import uvicorn
 
-from backends.credentials import huggingface_token
+from backends.credentials import huggingface_token, key_section
 from backends.errors import CredentialsError
 from backends.registry import ModelRegistry, RegistryFileError, registry_sources
 from proxy.manager import ModelManager
@@ -214,6 +214,9 @@ def configure_logging(settings: Settings) -> None:
     hidden = [*settings.access.api_key, *settings.access.admin_key, os.environ.get("HF_TOKEN", "")]
     with contextlib.suppress(CredentialsError):
         hidden.append(huggingface_token())
+    upstream_key = key_section("openai_compatible")[0].get("api_key")
+    if isinstance(upstream_key, str):
+        hidden.append(upstream_key)
     handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", redact=hidden))
     logging.basicConfig(level=settings.server.log_level.upper(), handlers=[handler], force=True)

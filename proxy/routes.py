@@ -7,7 +7,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import msgspec
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Stream
@@ -27,6 +27,7 @@ from proxy.protocol import (
     ModelList,
 )
 from proxy.security import Access, requires
+from proxy.upstream import Forwarder
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,6 +67,16 @@ async def cancel_on_disconnect(request: Request[Any, Any, Any], work: Coroutine[
         watcher.cancel()
 
 
+async def forward(
+    request: Request[Any, Any, Any], forwarder: Forwarder, path: str, name: str, stream: bool, body: bytes
+) -> Response[bytes] | Stream:
+    """A request for an ``openai_compatible`` entry: its body goes upstream as the client sent it."""
+    fields = msgspec.json.decode(body)  # an object: it has just been decoded into the endpoint's request
+    if stream:
+        return Stream(await cancel_on_disconnect(request, forwarder.stream(path, name, fields)), headers=SSE_HEADERS)
+    return await cancel_on_disconnect(request, forwarder.complete(path, name, fields))
+
+
 def model_card(name: str, created: int) -> ModelCard:
     return ModelCard(id=name, created=created, owned_by="clemproxy")
 
@@ -76,20 +87,36 @@ class OpenAIController(Controller):
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
-        self, request: Request[Any, Any, Any], chat_service: NamedDependency[ChatCompletionService]
-    ) -> ChatCompletion | Stream:
-        completion_request = decode_body(await request.body(), ChatCompletionRequest)
+        self,
+        request: Request[Any, Any, Any],
+        chat_service: NamedDependency[ChatCompletionService],
+        forwarder: NamedDependency[Forwarder],
+    ) -> ChatCompletion | Response[bytes] | Stream:
+        body = await request.body()
+        completion_request = decode_body(body, ChatCompletionRequest)
         request.state.model = completion_request.model  # for the metrics
+        if forwarder.forwards(completion_request.model):
+            return await forward(
+                request, forwarder, "chat/completions", completion_request.model, bool(completion_request.stream), body
+            )
         if completion_request.stream:
             return Stream(await chat_service.stream(completion_request), headers=SSE_HEADERS)
         return await cancel_on_disconnect(request, chat_service.complete(completion_request))
 
     @post("/completions", status_code=200)
     async def completions(
-        self, request: Request[Any, Any, Any], completion_service: NamedDependency[CompletionService]
-    ) -> Completion | Stream:
-        completion_request = decode_body(await request.body(), CompletionRequest)
+        self,
+        request: Request[Any, Any, Any],
+        completion_service: NamedDependency[CompletionService],
+        forwarder: NamedDependency[Forwarder],
+    ) -> Completion | Response[bytes] | Stream:
+        body = await request.body()
+        completion_request = decode_body(body, CompletionRequest)
         request.state.model = completion_request.model
+        if forwarder.forwards(completion_request.model):
+            return await forward(
+                request, forwarder, "completions", completion_request.model, bool(completion_request.stream), body
+            )
         if completion_request.stream:
             return Stream(await completion_service.stream(completion_request), headers=SSE_HEADERS)
         return await cancel_on_disconnect(request, completion_service.complete(completion_request))

@@ -178,12 +178,30 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Models served beyond this process: upstream servers (``openai_compatible`` entries) and Ray Serve."""
+
+    upstream_connect_timeout: float = setting(
+        10.0, "how long to wait for an upstream server to accept a connection before a 502", metavar="SECONDS"
+    )
+    upstream_read_timeout: float = setting(
+        300.0,
+        "how long an upstream server may stay silent (before its answer, or mid-stream) before a 504",
+        metavar="SECONDS",
+    )
+    upstream_check_interval: float = setting(
+        10.0, "how long the admin page trusts its last check of an upstream server (GET /models)", metavar="SECONDS"
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     models: LoadOptions = field(default_factory=LoadOptions)  # the backends' own options, declared there
     manager: ManagerSettings = field(default_factory=ManagerSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     GROUPS: ClassVar[dict[str, type]] = {
         "server": ServerSettings,
@@ -191,6 +209,7 @@ class Settings:
         "manager": ManagerSettings,
         "access": AccessSettings,
         "limits": LimitSettings,
+        "cluster": ClusterSettings,
     }
 
     @classmethod

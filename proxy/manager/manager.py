@@ -121,7 +121,7 @@ class ModelManager:
         return slot.model if slot is not None and slot.is_loaded else None
 
     def loaded_names(self) -> list[str]:
-        return [name for name, slot in self._slots.items() if slot.is_loaded]
+        return [name for name, slot in self._slots.items() if slot.is_loaded and not slot.remote]
 
     def loaded_bytes(self) -> int:
         return sum(slot.model_bytes for slot in self._slots.values() if slot.is_loaded)
@@ -149,7 +149,7 @@ class ModelManager:
         retry_after = self.settings.retry_after
         if self._closing:
             raise ServerShuttingDownError("The server is shutting down", retry_after=retry_after)
-        if not self.settings.autoload and slot.state in (ModelState.UNLOADED, ModelState.FAILED):
+        if not self.settings.autoload and not slot.remote and slot.state in (ModelState.UNLOADED, ModelState.FAILED):
             raise self._not_loaded(slot)
         slot.queue.admit(slot.name, retry_after)
 
@@ -220,7 +220,7 @@ class ModelManager:
                 if slot.state == ModelState.FAILED and slot.failures != failures_seen:
                     raise ModelLoadError(slot.error or "The model failed to load")
                 if slot.state in (ModelState.UNLOADED, ModelState.FAILED):  # unloaded while this one waited
-                    if not self.settings.autoload:
+                    if not self.settings.autoload and not slot.remote:
                         raise self._not_loaded(slot)
                     if slot.pending_load is None or slot.pending_load.done():
                         failures_seen = slot.failures
@@ -360,7 +360,10 @@ class ModelManager:
         expired = [
             s
             for s in self._slots.values()
-            if s.state == ModelState.LOADED and not s.queue.busy and now - (s.last_used or now) >= idle_unload
+            if s.state == ModelState.LOADED
+            and not s.remote
+            and not s.queue.busy
+            and now - (s.last_used or now) >= idle_unload
         ]
         for slot in expired:
             logger.info("%s: idle for %.0f s; unloading", slot.name, now - (slot.last_used or now))

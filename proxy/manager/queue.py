@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from backends import Model
 from proxy.manager.errors import ManagerError, ModelBusyError
@@ -26,6 +27,7 @@ class Lease:
     def __init__(self, model: Model) -> None:
         self.model = model
         self._cancels: list[threading.Event] = []
+        self._on_stop: list[Callable[[], None]] = []
         self._stopped: ManagerError | None = None
         self.tokens = 0  # generated under this lease, as its request counts them (for tokens per second)
 
@@ -37,12 +39,22 @@ class Lease:
         self._cancels.append(event)
         return event
 
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) when the lease is stopped, at once if it is already: how work
+        that runs on the loop, like a forwarded request, learns that it must end."""
+        if self._stopped is not None:
+            callback()
+        else:
+            self._on_stop.append(callback)
+
     def stop(self, error: ManagerError) -> None:
         if self._stopped is not None:
             return  # the first reason stands
         self._stopped = error
         for event in self._cancels:
             event.set()
+        for callback in self._on_stop:
+            callback()
 
     def error(self) -> ManagerError | None:
         """The error its request answers with, once stopped."""

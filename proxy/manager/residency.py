@@ -37,7 +37,7 @@ class Residency:
             self.changed.notify_all()
 
     def _resident(self, exclude: ModelSlot) -> list[ModelSlot]:
-        return [s for s in self._slots() if s is not exclude and s.state in RESIDENT]
+        return [s for s in self._slots() if s is not exclude and s.state in RESIDENT and not s.remote]
 
     def _over_budget(self, exclude: ModelSlot, adding: int) -> bool:
         resident = self._resident(exclude)
@@ -52,7 +52,11 @@ class Residency:
         idle = [
             s
             for s in self._slots()
-            if s is not exclude and s.state == ModelState.LOADED and not s.queue.busy and not s.transition.locked()
+            if s is not exclude
+            and s.state == ModelState.LOADED
+            and not s.remote
+            and not s.queue.busy
+            and not s.transition.locked()
         ]
         return min(idle, key=lambda s: s.last_used or 0.0, default=None)
 
@@ -60,7 +64,7 @@ class Residency:
         """Before a load: unload least recently used idle models until one more fits, waiting while all are
         busy; then mark the slot LOADING, so that concurrent loads count it."""
         async with self.changed:
-            while self._over_budget(slot, adding=1):
+            while not slot.remote and self._over_budget(slot, adding=1):
                 victim = self._eviction_candidate(slot)
                 if victim is None:
                     logger.info("%s: waiting for a loaded model to become idle before loading", slot.name)

@@ -39,6 +39,7 @@ class ModelSlot:
         self.requests_served = 0
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent generations
         self.override: dict[str, Any] = {}  # placement keys the current load was given
+        self.remote = backend_of(spec).remote  # served by another server: holds no memory, never evicted
         self.queue = RequestQueue(backend_of(spec).concurrency_of(spec, options), max_queue)
         self.changed = asyncio.Condition()  # notified on every change of state or of the queue
         self.transition = asyncio.Lock()  # held by a load or an unload of this model
