@@ -45,8 +45,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 # Browser tests drive Debian's chromium through Playwright; Playwright never downloads a browser of its own.
+# The Ray Serve tests start a private local Ray instance, so the ray extra comes with the tests.
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,ray]"
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| { echo "install Debian's chromium (apt-get install chromium) for the browser tests" >&2; exit 1; }
 	test -x $(CLEMCORE_VENV)/bin/python || $(PYTHON) -m venv $(CLEMCORE_VENV)

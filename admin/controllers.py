@@ -20,10 +20,11 @@ from litestar.response import Redirect
 from admin.rendering import ENVIRONMENT, LOGIN_TEMPLATE, TEMPLATE, cookie, csrf_token, html, render_row
 from admin.views import page_context, summary_context
 from backends import BackendError, ModelRegistry
+from proxy.admin_api import freshen
 from proxy.errors import APIError
 from proxy.manager import ManagerError, ModelManager
 from proxy.security import LOGIN_PATH, SESSION_COOKIE, SESSION_SECONDS, Access, AccessControl, auth_of, requires
-from proxy.upstream import UpstreamClients, check_registry
+from proxy.upstream import UpstreamClients
 
 Tasks = set[asyncio.Task[Any]]
 
@@ -76,7 +77,7 @@ class AdminController(Controller):
         upstreams: NamedDependency[UpstreamClients],
         q: FromQuery[str] = "",
     ) -> Response[str]:
-        await check_registry(registry, upstreams)
+        await freshen(registry, manager, upstreams)
         context = page_context(registry, manager, upstreams, q.strip())
         token, cookies = csrf_token(request, access)
         signed_in = auth_of(request) == "session"
@@ -99,7 +100,7 @@ class AdminController(Controller):
         upstreams: NamedDependency[UpstreamClients],
         name: FromPath[str],
     ) -> Response[str]:
-        await check_registry(registry, upstreams)
+        await freshen(registry, manager, upstreams)
         return html(render_row(request, registry, manager, access, upstreams, name))
 
     @post("/models/{name:str}/load", status_code=200)

@@ -112,6 +112,18 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     "model_id": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string (the name sent upstream)"),
     "base_url": (is_base_url, 'an http(s) URL such as "http://gpu-node:8000/v1"'),
+    # Ray Serve (clemproxy serve --ray): replicas of a deployed model, fixed or autoscaled.
+    "replicas": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "autoscaling": (
+        lambda v: (
+            isinstance(v, dict)
+            and set(v) <= {"min", "max"}
+            and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) for k in ("min", "max"))
+            and 0 <= v["min"] <= v["max"]
+            and v["max"] >= 1
+        ),
+        'an object {"min": M, "max": N} with 0 <= M <= N and N >= 1',
+    ),
 }
 
 
@@ -255,6 +267,8 @@ def validate_entry(flat: Mapping[str, Any]) -> list[Problem]:
                 "custom_chat_template",
             )
         )
+    if "replicas" in flat and "autoscaling" in flat:
+        problems.append(Problem("error", "set either replicas or autoscaling, not both", "replicas"))
     if "execute_on" in flat and "gpu_layers_offloaded" in flat:
         problems.append(
             Problem(

@@ -7,6 +7,7 @@ model's running requests have finished or been cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from backends import ModelRegistry, RegistryEntry
 from backends.placement import PLACEMENT_KEYS, requested_gpu_layers
 from proxy.errors import APIError
 from proxy.manager import ModelManager, ModelSlot
+from proxy.ray_serve import refresh_replicas
 from proxy.security import Access, requires
 from proxy.settings import total_memory_bytes
 from proxy.upstream import UpstreamClients, check_registry, remote_view
@@ -56,11 +58,20 @@ def entry_view(
     }
     if slot is not None and not view["shadowed"]:
         view.update(slot.describe())
+        ray = (view.get("loaded") or {}).get("ray")
+        if ray:  # deployed on a Ray cluster: each replica's node, state and requests
+            view["replicas"] = ray["replicas"]
     else:
         view.update(state="unloaded" if entry.is_served else "unservable", in_flight=0, queued=0, loaded=None)
     if remote is not None:  # an openai_compatible entry: always there, never loaded
         view.update(state="remote", remote=remote, note=REMOTE_NOTE, loaded=None)
     return view
+
+
+async def freshen(registry: ModelRegistry, manager: ModelManager, upstreams: UpstreamClients) -> None:
+    """What a view shows from elsewhere, looked at again: remote entries' upstreams, Ray Serve replicas."""
+    models = [model for name in manager.loaded_names() if (model := manager.loaded(name)) is not None]
+    await asyncio.gather(check_registry(registry, upstreams), refresh_replicas(models))
 
 
 def decode_override(body: bytes) -> dict[str, Any]:
@@ -86,7 +97,7 @@ class AdminAPIController(Controller):
         manager: NamedDependency[ModelManager],
         upstreams: NamedDependency[UpstreamClients],
     ) -> dict[str, Any]:
-        await check_registry(registry, upstreams)
+        await freshen(registry, manager, upstreams)
         models = [
             entry_view(registry, entry, manager.existing_slot(entry.name), remote_view(entry, upstreams))
             for entry in registry
@@ -115,7 +126,7 @@ class AdminAPIController(Controller):
         name: FromPath[str],
     ) -> dict[str, Any]:
         entry = registry.lookup(name)
-        await check_registry(registry, upstreams)
+        await freshen(registry, manager, upstreams)
         return entry_view(registry, entry, manager.existing_slot(name), remote_view(entry, upstreams))
 
     @post("/models/{name:str}/load", status_code=200)

@@ -25,6 +25,7 @@ from proxy.errors import EXCEPTION_HANDLERS
 from proxy.limits import RequestLimits
 from proxy.manager import ModelFactory, ModelManager
 from proxy.metrics import Metrics, MetricsController
+from proxy.ray_serve import RayCluster
 from proxy.routes import HealthController, OpenAIController
 from proxy.security import AccessControl, SignInRequired, access_middleware, handle_sign_in_required
 from proxy.settings import Settings
@@ -49,6 +50,7 @@ class Services:
     completion_service: CompletionService
     upstreams: UpstreamClients
     forwarder: Forwarder
+    ray: RayCluster | None  # with --ray: the cluster loaded models are deployed on
     started_at: float
 
     @classmethod
@@ -69,8 +71,14 @@ class Services:
                     "; ".join(str(p) for p in entry.errors),
                 )
         metrics = Metrics()
+        ray = RayCluster(settings.cluster.ray, settings.cluster.ray_deploy_timeout) if settings.cluster.ray else None
         manager = ModelManager(
-            registry, settings.models, model_factory or create_model, settings.manager, metrics=metrics
+            registry,
+            settings.models,
+            model_factory or (ray.model if ray is not None else create_model),
+            settings.manager,
+            metrics=metrics,
+            concurrency=ray.concurrency_of if ray is not None else None,
         )
         metrics.watch(manager)
         limits = RequestLimits(settings.limits)
@@ -92,6 +100,7 @@ class Services:
             completion_service=CompletionService(manager, limits, metrics),
             upstreams=upstreams,
             forwarder=Forwarder(manager, upstreams, metrics),
+            ray=ray,
             started_at=time.time(),
         )
 
@@ -135,6 +144,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        if services.ray is not None:
+            await asyncio.to_thread(services.ray.start)
         for name in settings.manager.preload:
             logger.info("preloading %s", name)
             await manager.load(name)  # a model that cannot load stops the start-up, with its error
@@ -146,6 +157,8 @@ def create_app(
                 idle_unloader.cancel()
             await manager.close()
             await services.upstreams.close()
+            if services.ray is not None:
+                await asyncio.to_thread(services.ray.stop)
 
     app = Litestar(
         route_handlers=[OpenAIController, HealthController, AdminAPIController, MetricsController],

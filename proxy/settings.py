@@ -189,6 +189,15 @@ class ClusterSettings:
         "how long an upstream server may stay silent (before its answer, or mid-stream) before a 504",
         metavar="SECONDS",
     )
+    ray: str = setting(
+        "",
+        "serve each loaded model as a Ray Serve deployment: 'local' starts a private Ray instance on this machine, "
+        "an address (HOST:6379, auto) joins a running cluster; needs clemproxy[ray]",
+        metavar="local|ADDRESS",
+    )
+    ray_deploy_timeout: float = setting(
+        600.0, "how long a load waits for its replicas to run on the Ray cluster before it fails", metavar="SECONDS"
+    )
     upstream_check_interval: float = setting(
         10.0, "how long the admin page trusts its last check of an upstream server (GET /models)", metavar="SECONDS"
     )

@@ -35,6 +35,7 @@ from proxy.settings import ManagerSettings
 logger = logging.getLogger(__name__)
 
 ModelFactory = Callable[[ModelSpec, LoadOptions], Model]
+Concurrency = Callable[[ModelSpec, LoadOptions], int]
 
 
 class Reservation:
@@ -66,8 +67,12 @@ class ModelManager:
         factory: ModelFactory = default_factory,
         settings: ManagerSettings | None = None,
         metrics: Any = None,
+        concurrency: Concurrency | None = None,
     ) -> None:
+        """``concurrency``: requests a model runs at once, when the factory's models differ from the backends'
+        own (Ray Serve replicas); by default what the entry's backend says."""
         self.registry = registry
+        self._concurrency = concurrency
         self.metrics = metrics  # proxy.metrics.Metrics, when the app keeps metrics
         self.options = options
         self.settings = settings or ManagerSettings()
@@ -104,9 +109,9 @@ class ModelManager:
         """The slot of a servable registry name; ``UnknownModelError`` or ``InvalidModelEntryError`` otherwise."""
         slot = self._slots.get(name)
         if slot is None:  # the registry never changes: a name resolved once stays resolved
-            slot = self._slots[name] = ModelSlot(
-                name, self.registry.resolve(name), self.options, self.settings.max_queue
-            )
+            spec = self.registry.resolve(name)
+            concurrency = self._concurrency(spec, self.options) if self._concurrency is not None else None
+            slot = self._slots[name] = ModelSlot(name, spec, self.options, self.settings.max_queue, concurrency)
         return slot
 
     def slots(self) -> list[tuple[str, ModelSlot]]:

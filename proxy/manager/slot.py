@@ -25,7 +25,9 @@ class ModelState(StrEnum):
 
 
 class ModelSlot:
-    def __init__(self, name: str, spec: ModelSpec, options: LoadOptions, max_queue: int) -> None:
+    def __init__(
+        self, name: str, spec: ModelSpec, options: LoadOptions, max_queue: int, concurrency: int | None = None
+    ) -> None:
         self.name = name
         self.spec = spec
         self.state = ModelState.UNLOADED
@@ -40,7 +42,9 @@ class ModelSlot:
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent generations
         self.override: dict[str, Any] = {}  # placement keys the current load was given
         self.remote = backend_of(spec).remote  # served by another server: holds no memory, never evicted
-        self.queue = RequestQueue(backend_of(spec).concurrency_of(spec, options), max_queue)
+        if concurrency is None:
+            concurrency = backend_of(spec).concurrency_of(spec, options)
+        self.queue = RequestQueue(concurrency, max_queue)
         self.changed = asyncio.Condition()  # notified on every change of state or of the queue
         self.transition = asyncio.Lock()  # held by a load or an unload of this model
         self.pending_load: asyncio.Future[None] | None = None  # a load started on behalf of waiting requests
