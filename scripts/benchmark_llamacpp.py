@@ -51,16 +51,17 @@ def rules(variant: str) -> str:
 
 
 class Server:
-    """``clemproxy serve`` on the bundled registry, in a process of its own."""
+    """``clemproxy serve`` on the bundled registry (or as ``flags`` say), in a process of its own."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, *flags: str, start_timeout: float = 120) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="clemproxy-bench-", suffix=".log", delete=False)  # noqa: SIM115
         command = [sys.executable, "-m", "proxy.cli", "serve", "--port", str(self.port), "--threads", str(threads)]
+        command += flags
         env = {**os.environ, "CLEMPROXY_LOG_LEVEL": "warning"}
         self.process = subprocess.Popen(command, cwd=tempfile.gettempdir(), env=env, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
