@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, Generator, Iterator, Mapping, Sequence
@@ -210,6 +211,10 @@ class RayCluster:
         self.deploy_timeout = deploy_timeout
         self.started = False
         self._owned = address == "local"
+        # Application names carry this server's own id, so that two servers sharing a cluster never touch
+        # each other's deployments, even of models with the same name.
+        self.instance = secrets.token_hex(3)
+        self._deployed: set[str] = set()
 
     def start(self) -> None:
         """Connect (blocking: seconds), and start Serve's controller if the cluster has none."""
@@ -241,9 +246,8 @@ class RayCluster:
             return
         ray, serve = import_ray(), import_serve()
         try:
-            for name in list(serve.status().applications):
-                if name.startswith(APP_PREFIX):
-                    serve.delete(name)
+            for name in list(self._deployed):
+                self.delete(name)
             if self._owned:
                 serve.shutdown()
         finally:
@@ -255,7 +259,8 @@ class RayCluster:
         return float(ray.cluster_resources().get("GPU", 0))
 
     def app_name(self, spec: Mapping[str, Any]) -> str:
-        return APP_PREFIX + "".join(c if c.isalnum() or c in "-_." else "_" for c in str(spec["model_name"]))
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(spec["model_name"]))
+        return f"{APP_PREFIX}{self.instance}-{name}"
 
     def deploy(self, spec: ModelSpec, options: LoadOptions) -> Any:
         """Deploy one entry and wait until its replicas run; a handle on it. ``ModelLoadError`` when a replica
@@ -288,6 +293,7 @@ class RayCluster:
         deployment = serve.deployment(ModelReplica).options(**deployment_options)
         target = deployment.bind(entry, dataclasses.asdict(options))
         logger.info("%s: deploying %s (%s)", spec["model_name"], app, deployment_options)
+        self._deployed.add(app)
         try:
             serve._run(target, name=app, route_prefix=None, _blocking=False)
         except AttributeError:  # a Ray without the non-blocking form: waits for the replicas itself
@@ -305,10 +311,10 @@ class RayCluster:
                 return
             if state == "DEPLOY_FAILED":
                 message = status.message if status is not None else ""
-                serve.delete(app)
+                self.delete(app)
                 raise ModelLoadError(f"'{name}' could not be deployed on the Ray cluster: {message}")
             if time.monotonic() > deadline:
-                serve.delete(app)
+                self.delete(app)
                 raise ModelLoadError(
                     f"'{name}' was not running on the Ray cluster after {self.deploy_timeout:g} s: no node had room "
                     "for its replicas (GPUs, memory), or a replica took that long to load"
@@ -317,6 +323,7 @@ class RayCluster:
 
     def delete(self, app: str) -> None:
         import_serve().delete(app)
+        self._deployed.discard(app)
 
     def replicas(self, app: str) -> list[dict[str, Any]]:
         """Each replica of an application: its id, state, node and process, as Serve's controller knows them."""

@@ -27,6 +27,7 @@ from proxy.protocol import (
     ModelList,
 )
 from proxy.security import Access, requires
+from proxy.serving import OpenAIServing, RequestT, ResponseT
 from proxy.upstream import Forwarder
 
 T = TypeVar("T")
@@ -77,6 +78,25 @@ async def forward(
     return await cancel_on_disconnect(request, forwarder.complete(path, name, fields))
 
 
+async def answer(
+    request: Request[Any, Any, Any],
+    kind: type[RequestT],
+    service: OpenAIServing[RequestT, Any, ResponseT],
+    forwarder: Forwarder,
+    path: str,
+) -> ResponseT | Response[bytes] | Stream:
+    """One completion endpoint: decode the body; forward it for a remote entry, else serve it here, whole or
+    streamed."""
+    body = await request.body()
+    completion_request = decode_body(body, kind)
+    request.state.model = completion_request.model  # for the metrics
+    if forwarder.forwards(completion_request.model):
+        return await forward(request, forwarder, path, completion_request.model, bool(completion_request.stream), body)
+    if completion_request.stream:
+        return Stream(await service.stream(completion_request), headers=SSE_HEADERS)
+    return await cancel_on_disconnect(request, service.complete(completion_request))
+
+
 def model_card(name: str, created: int) -> ModelCard:
     return ModelCard(id=name, created=created, owned_by="clemproxy")
 
@@ -92,16 +112,7 @@ class OpenAIController(Controller):
         chat_service: NamedDependency[ChatCompletionService],
         forwarder: NamedDependency[Forwarder],
     ) -> ChatCompletion | Response[bytes] | Stream:
-        body = await request.body()
-        completion_request = decode_body(body, ChatCompletionRequest)
-        request.state.model = completion_request.model  # for the metrics
-        if forwarder.forwards(completion_request.model):
-            return await forward(
-                request, forwarder, "chat/completions", completion_request.model, bool(completion_request.stream), body
-            )
-        if completion_request.stream:
-            return Stream(await chat_service.stream(completion_request), headers=SSE_HEADERS)
-        return await cancel_on_disconnect(request, chat_service.complete(completion_request))
+        return await answer(request, ChatCompletionRequest, chat_service, forwarder, "chat/completions")
 
     @post("/completions", status_code=200)
     async def completions(
@@ -110,16 +121,7 @@ class OpenAIController(Controller):
         completion_service: NamedDependency[CompletionService],
         forwarder: NamedDependency[Forwarder],
     ) -> Completion | Response[bytes] | Stream:
-        body = await request.body()
-        completion_request = decode_body(body, CompletionRequest)
-        request.state.model = completion_request.model
-        if forwarder.forwards(completion_request.model):
-            return await forward(
-                request, forwarder, "completions", completion_request.model, bool(completion_request.stream), body
-            )
-        if completion_request.stream:
-            return Stream(await completion_service.stream(completion_request), headers=SSE_HEADERS)
-        return await cancel_on_disconnect(request, completion_service.complete(completion_request))
+        return await answer(request, CompletionRequest, completion_service, forwarder, "completions")
 
     @get("/models")
     async def list_models(

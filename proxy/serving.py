@@ -153,6 +153,7 @@ ResponseT = TypeVar("ResponseT")
 
 class CompletionRequestLike(SamplingRequest, Protocol):
     model: str
+    stream: bool
     n: int | None
     stream_options: Any
 
