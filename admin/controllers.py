@@ -20,7 +20,7 @@ from litestar.response import Redirect
 from admin.rendering import ENVIRONMENT, LOGIN_TEMPLATE, TEMPLATE, cookie, csrf_token, html, render_row
 from admin.views import page_context, summary_context
 from backends import BackendError, ModelRegistry
-from proxy.admin_api import freshen
+from proxy.admin_api import freshen, split_action
 from proxy.errors import APIError
 from proxy.manager import ManagerError, ModelManager
 from proxy.security import LOGIN_PATH, SESSION_COOKIE, SESSION_SECONDS, Access, AccessControl, auth_of, requires
@@ -90,7 +90,7 @@ class AdminController(Controller):
     ) -> Response[str]:
         return html(render_block(ENVIRONMENT, TEMPLATE, "summary", summary=summary_context(registry, manager)))
 
-    @get("/rows/{name:str}")
+    @get("/rows/{name:path}")
     async def row(
         self,
         request: Request[Any, Any, Any],
@@ -101,10 +101,10 @@ class AdminController(Controller):
         name: FromPath[str],
     ) -> Response[str]:
         await freshen(registry, manager, upstreams)
-        return html(render_row(request, registry, manager, access, upstreams, name))
+        return html(render_row(request, registry, manager, access, upstreams, name.lstrip("/")))
 
-    @post("/models/{name:str}/load", status_code=200)
-    async def load(
+    @post("/models/{action:path}", status_code=200)
+    async def model_action(
         self,
         request: Request[Any, Any, Any],
         registry: NamedDependency[ModelRegistry],
@@ -112,33 +112,22 @@ class AdminController(Controller):
         access: NamedDependency[AccessControl],
         upstreams: NamedDependency[UpstreamClients],
         admin_tasks: NamedDependency[Tasks],
-        name: FromPath[str],
+        action: FromPath[str],
     ) -> Response[str] | Redirect:
+        """The Load (``/admin/models/NAME/load``) and Unload buttons; NAME may hold slashes."""
+        name, verb = split_action(action)
         registry.lookup(name)  # 404 for an unknown name
-        try:
-            override = placement_override(await request.form())
-        except APIError as exc:
-            return self._answer(request, registry, manager, access, upstreams, name, exc.message)
         if manager.slot(name).remote:  # nothing to load: the row says so
             return self._answer(request, registry, manager, access, upstreams, name, None)
-        task = in_background(admin_tasks, manager.load(name, override))
-        return await self._when_started(request, registry, manager, access, upstreams, name, task)
-
-    @post("/models/{name:str}/unload", status_code=200)
-    async def unload(
-        self,
-        request: Request[Any, Any, Any],
-        registry: NamedDependency[ModelRegistry],
-        manager: NamedDependency[ModelManager],
-        access: NamedDependency[AccessControl],
-        upstreams: NamedDependency[UpstreamClients],
-        admin_tasks: NamedDependency[Tasks],
-        name: FromPath[str],
-    ) -> Response[str] | Redirect:
-        registry.lookup(name)
-        if manager.slot(name).remote:
-            return self._answer(request, registry, manager, access, upstreams, name, None)
-        task = in_background(admin_tasks, manager.unload(name))
+        if verb == "unload":
+            work = manager.unload(name)
+        else:
+            try:
+                override = placement_override(await request.form())
+            except APIError as exc:
+                return self._answer(request, registry, manager, access, upstreams, name, exc.message)
+            work = manager.load(name, override)
+        task = in_background(admin_tasks, work)
         return await self._when_started(request, registry, manager, access, upstreams, name, task)
 
     async def _when_started(

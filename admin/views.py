@@ -114,9 +114,22 @@ def decorate(view: dict[str, Any], spec: Any, now: float) -> dict[str, Any]:
         last_used_text=human_age(view.get("last_used"), now),
         gpu_possible=gpu_backend(view["backend"], gpu),
         busy_state=view["state"] in ("loading", "unloading"),
+        download_text=download_text(view.get("download")),
         **engine_texts(view.get("loaded")),
     )
     return view
+
+
+def download_text(download: dict[str, Any] | None) -> str:
+    """``45.2 MB of 98.1 MB · 16.0 MB/s · 4 s left``."""
+    if not download:
+        return ""
+    parts = [f"{human_bytes(download['bytes_done'])} of {human_bytes(download['bytes_total'])}"]
+    if download.get("bytes_per_second"):
+        parts.append(f"{human_bytes(download['bytes_per_second'])}/s")
+    if download.get("seconds_left") is not None:
+        parts.append(f"{download['seconds_left']:.0f} s left")
+    return " · ".join(parts)
 
 
 def engine_texts(loaded: dict[str, Any] | None) -> dict[str, str]:

@@ -205,17 +205,21 @@ class HuggingfaceLocalModel(Model):
         from backends.cpu_linear import tune_small_batch_linears
         from backends.huggingface_engine import TransformersEngine, batching_unsupported, on_a_thread_that_ends
 
-        source = find_model_source(self.spec)
+        self.progress.enter("finding weights")
+        source = find_model_source(self.spec, progress=self.progress)
         cuda = torch.cuda.is_available()
         placement = choose_placement(self.spec, cuda, cuda and torch.cuda.is_bf16_supported())
         where = f"{source.directory / source.gguf_file}" if source.gguf_file else str(source.directory)
         logger.info("%s: loading %s (%s, %s)", self.name, where, placement.device, placement.dtype)
+        gguf = " from GGUF" if source.gguf_file else ""
         try:
+            self.progress.enter(f"reading the tokenizer{gguf}")
             tokenizer, warnings = load_tokenizer(source, bool(self.spec.get("slow_tokenizer")))
             config = AutoConfig.from_pretrained(
                 str(source.directory), gguf_file=source.gguf_file, local_files_only=True
             )
             device_map = self._device_map(config, placement)
+            self.progress.enter("dequantising the GGUF weights" if source.gguf_file else "reading weights")
 
             def load_weights() -> tuple[Any, dict[str, Any]]:
                 model = AutoModelForCausalLM.from_pretrained(

@@ -92,7 +92,9 @@ class LlamaCppModel(Model):
 
         route_llama_log()
 
-        files = find_weight_files(self.spec)
+        self.progress.enter("finding weights")
+        files = find_weight_files(self.spec, progress=self.progress)
+        self.progress.enter("reading weights")
         gpu = self.gpu_available()
         n_gpu_layers = requested_gpu_layers(self.spec, gpu)
         warnings = []
@@ -106,6 +108,7 @@ class LlamaCppModel(Model):
             model = LlamaModel(path_model=str(files.main), params=params, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {files.main}: {exc}") from exc
+        self.progress.enter("starting the engine")
         n_ctx_train = model.n_ctx_train()
         self.context_size = self.context_window(n_ctx_train)
         slots = self.slots_of(self.spec, self.options)

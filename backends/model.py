@@ -19,6 +19,7 @@ from backends.cleaning import OutputCleaner
 from backends.errors import ConstraintUnavailableError, ContextLengthExceededError, PromptRenderError
 from backends.grammar import CompiledGrammar, GrammarCompiler, SequenceMatcher
 from backends.placement import PLACEMENT_KEYS, check_placement
+from backends.progress import LoadProgress
 from backends.prompting import ChatTemplate
 from backends.spec import ModelSpec, parse_context_size
 
@@ -177,6 +178,7 @@ class Model(ABC):
         self.tokens_generated = 0  # over the model's lifetime, counted when each generation ends
         self._grammar: GrammarCompiler | None = None  # for this load; an unload sets it to None
         self._grammar_lock = threading.Lock()
+        self.progress = LoadProgress()  # of its load, for the admin page; cancelling it stops the load
 
     @property
     def name(self) -> str:

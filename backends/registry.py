@@ -391,6 +391,11 @@ class ModelRegistry:
             raise RegistryFileError(problems[0].message)
         return cls(parsed)
 
+    def reload(self) -> None:
+        """Read the source files again, after one was edited: the entries, and which one each name finds."""
+        fresh = ModelRegistry.from_files(self.sources)
+        self.entries, self._first = fresh.entries, fresh._first
+
     def __iter__(self) -> Iterator[RegistryEntry]:
         return iter(self.entries)
 

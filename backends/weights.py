@@ -23,6 +23,7 @@ from typing import Any
 
 from backends.credentials import huggingface_token
 from backends.errors import ModelLoadError
+from backends.progress import LoadCancelled, LoadProgress
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,11 @@ def _patterns(spec: Mapping[str, Any]) -> list[str]:
     return [extra] if isinstance(extra, str) else list(extra)
 
 
-def find_weight_files(spec: Mapping[str, Any], pattern: str | None = None) -> WeightFiles:
-    """Resolve ``filename`` (or ``pattern``) and ``additional_files`` to local files, downloading only if needed.
+def find_weight_files(
+    spec: Mapping[str, Any], pattern: str | None = None, progress: LoadProgress | None = None
+) -> WeightFiles:
+    """Resolve ``filename`` (or ``pattern``) and ``additional_files`` to local files, downloading only if needed
+    (reporting to ``progress``, which can stop it).
 
     A gated entry (``requires_api_key``) needs its token only when the hub is asked.
     """
@@ -89,7 +93,7 @@ def find_weight_files(spec: Mapping[str, Any], pattern: str | None = None) -> We
     directory = local_model_dir(spec)
     if directory is not None:
         return _from_directory(directory, pattern, _patterns(spec))
-    return _from_hub(str(spec["huggingface_id"]), pattern, _patterns(spec), _hub_token(spec))
+    return _from_hub(str(spec["huggingface_id"]), pattern, _patterns(spec), _hub_token(spec), progress)
 
 
 @dataclass(frozen=True)
@@ -119,14 +123,14 @@ TRANSFORMERS_FILES = frozenset(
 )
 
 
-def find_model_source(spec: Mapping[str, Any]) -> ModelSource:
+def find_model_source(spec: Mapping[str, Any], progress: LoadProgress | None = None) -> ModelSource:
     """The local checkpoint of a ``huggingface_local`` entry, downloading it from the hub only if needed.
 
     With ``gguf_file`` the checkpoint is that one GGUF file, found like a llama.cpp ``filename``; otherwise
     it is a directory with ``config.json`` (top-level files only: no ``original/`` or ONNX copies).
     """
     if spec.get("gguf_file"):
-        files = find_weight_files(spec, str(spec["gguf_file"]))
+        files = find_weight_files(spec, str(spec["gguf_file"]), progress)
         return ModelSource(files.main.parent, files.main.name, files.origin)
     if spec.get("python_package"):
         config = _from_package(str(spec["python_package"]), "config.json", ()).main
@@ -145,7 +149,12 @@ def find_model_source(spec: Mapping[str, Any]) -> ModelSource:
 
     logger.info("downloading %d files of %s (unless cached)", len(wanted), repo_id)
     try:
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=wanted, token=token))
+        if progress is not None:
+            progress.enter("downloading")
+        tqdm = progress.tqdm_class() if progress is not None else None
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=wanted, token=token, tqdm_class=tqdm))
+    except LoadCancelled:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"Downloading {repo_id} failed: {type(exc).__name__}: {exc}") from None
     return ModelSource(_checkpoint_directory(snapshot, f"The download of {repo_id}"), None, f"hub:{repo_id}")
@@ -240,7 +249,9 @@ def _cached_snapshot(repo_id: str, patterns: list[str], token: str | None, what:
         ) from None
 
 
-def _from_hub(repo_id: str, pattern: str, extra: Sequence[str], token: str | None) -> WeightFiles:
+def _from_hub(
+    repo_id: str, pattern: str, extra: Sequence[str], token: str | None, progress: LoadProgress | None
+) -> WeightFiles:
     from huggingface_hub import hf_hub_download
 
     where = f"Hugging Face repo {repo_id}"
@@ -251,10 +262,15 @@ def _from_hub(repo_id: str, pattern: str, extra: Sequence[str], token: str | Non
     main = _select(listing, pattern, where)
     additional = [_select(listing, p, where) for p in extra]
     paths = []
+    if progress is not None:
+        progress.enter("downloading")
+    tqdm = progress.tqdm_class() if progress is not None else None
     for filename in [main, *additional]:
-        logger.info("downloading %s from %s", filename, repo_id)
+        logger.info("downloading %s from %s (unless cached)", filename, repo_id)
         try:
-            paths.append(Path(hf_hub_download(repo_id, filename, token=token)))
+            paths.append(Path(hf_hub_download(repo_id, filename, token=token, tqdm_class=tqdm)))
+        except LoadCancelled:
+            raise  # files fetched to the end stay cached; this one's part is dropped by huggingface_hub
         except Exception as exc:
             raise ModelLoadError(f"Downloading '{filename}' from {where} failed: {type(exc).__name__}: {exc}") from None
     return WeightFiles(paths[0], tuple(paths[1:]), f"hub:{repo_id}")

@@ -1,8 +1,9 @@
-"""The JSON admin API: every registry entry with its state, and load / unload commands.
+"""The JSON admin API: every registry entry with its state, load / unload commands, and registry edits.
 
 ``GET /admin/api/models`` is what the admin page shows; the POST routes are what its buttons do. A load
 answers once the model is loaded (or has failed, with the error in the OpenAI envelope); an unload once the
-model's running requests have finished or been cancelled.
+model's running requests have finished or been cancelled. ``/admin/api/registry`` edits the first registry
+file the server was given (``backends.registry_file``), and the server serves the edited entries at once.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from backends import ModelRegistry, RegistryEntry
+from backends import ModelRegistry, RegistryEntry, RegistryFileError
 from backends.placement import PLACEMENT_KEYS, requested_gpu_layers
+from backends.registry_file import RegistryEditError, RegistryFile
 from proxy.errors import APIError
 from proxy.manager import ModelManager, ModelSlot
 from proxy.ray_serve import refresh_replicas
@@ -117,7 +120,7 @@ class AdminAPIController(Controller):
             "time": time.time(),
         }
 
-    @get("/models/{name:str}")
+    @get("/models/{name:path}")
     async def get_model(
         self,
         registry: NamedDependency[ModelRegistry],
@@ -125,35 +128,120 @@ class AdminAPIController(Controller):
         upstreams: NamedDependency[UpstreamClients],
         name: FromPath[str],
     ) -> dict[str, Any]:
-        entry = registry.lookup(name)
+        entry = registry.lookup(name.lstrip("/"))
         await freshen(registry, manager, upstreams)
-        return entry_view(registry, entry, manager.existing_slot(name), remote_view(entry, upstreams))
+        return entry_view(registry, entry, manager.existing_slot(entry.name), remote_view(entry, upstreams))
 
-    @post("/models/{name:str}/load", status_code=200)
-    async def load_model(
+    @post("/models/{action:path}", status_code=200)
+    async def model_action(
         self,
         request: Request[Any, Any, Any],
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
         upstreams: NamedDependency[UpstreamClients],
-        name: FromPath[str],
+        action: FromPath[str],
     ) -> dict[str, Any]:
-        """Loads a local model; for a remote entry it does nothing, and the row says so."""
-        override = decode_override(await request.body())
+        """``POST /admin/api/models/NAME/load`` (a body of placement keys may override the entry's) and
+        ``.../unload``; NAME may hold slashes. Loading answers once the model is loaded; for a remote entry
+        neither does anything, and the row says so."""
+        name, verb = split_action(action)
+        override = decode_override(await request.body()) if verb == "load" else {}
         entry = registry.lookup(name)
         remote = remote_view(entry, upstreams)
-        slot = manager.slot(name) if remote is not None else await manager.load(name, override)
+        if remote is not None:
+            slot = manager.slot(name)
+        elif verb == "load":
+            slot = await manager.load(name, override)
+        else:
+            slot = await manager.unload(name)
         return entry_view(registry, entry, slot, remote)
 
-    @post("/models/{name:str}/unload", status_code=200)
-    async def unload_model(
+    # --- editing the registry ------------------------------------------------------------------------
+
+    @get("/registry")
+    async def get_registry(self, registry_file: NamedDependency[RegistryFile | None]) -> Response[dict[str, Any]]:
+        """The file edits go to, its entries as written, and its version (also the ETag)."""
+        if registry_file is None:
+            return Response({"path": None, "editable": False, "refusal": NO_FILE, "entries": [], "version": None})
+        entries, version, _ = registry_file.read()
+        refusal = registry_file.refusal()
+        body = {
+            "path": str(registry_file.path),
+            "editable": refusal is None,
+            "refusal": refusal,
+            "version": version,
+            "entries": entries,
+        }
+        return Response(body, headers={"ETag": f'"{version}"'})
+
+    @put("/registry/entries/{name:path}", status_code=200)
+    async def put_entry(
         self,
+        request: Request[Any, Any, Any],
         registry: NamedDependency[ModelRegistry],
         manager: NamedDependency[ModelManager],
-        upstreams: NamedDependency[UpstreamClients],
+        registry_file: NamedDependency[RegistryFile | None],
         name: FromPath[str],
-    ) -> dict[str, Any]:
-        entry = registry.lookup(name)
-        remote = remote_view(entry, upstreams)
-        slot = manager.slot(name) if remote is not None else await manager.unload(name)
-        return entry_view(registry, entry, slot, remote)
+    ) -> Response[dict[str, Any]]:
+        """Add the entry, or replace the entry of that name; ``If-Match`` the version the edit started from."""
+        entry = decode_json(await request.body())
+        file = editable(registry_file)
+        version = await edited(registry, manager, lambda: file.put(name.lstrip("/"), entry, if_match(request)))
+        return Response({"version": version, "entry": entry}, headers={"ETag": f'"{version}"'})
+
+    @delete("/registry/entries/{name:path}", status_code=200)
+    async def delete_entry(
+        self,
+        request: Request[Any, Any, Any],
+        registry: NamedDependency[ModelRegistry],
+        manager: NamedDependency[ModelManager],
+        registry_file: NamedDependency[RegistryFile | None],
+        name: FromPath[str],
+    ) -> Response[dict[str, Any]]:
+        """Delete the entry; a model loaded for it is unloaded once its running requests have ended."""
+        file = editable(registry_file)
+        version = await edited(registry, manager, lambda: file.delete(name.lstrip("/"), if_match(request)))
+        return Response({"version": version, "deleted": name.lstrip("/")}, headers={"ETag": f'"{version}"'})
+
+
+NO_FILE = "this server was not started on a registry file (--registry PATH), so there is no file to edit"
+
+
+def split_action(action: str) -> tuple[str, str]:
+    """``/a/b/load`` -> ``("a/b", "load")``: a model name may hold slashes, so the verb is what ends the path."""
+    name, _, verb = action.strip("/").rpartition("/")
+    if verb not in ("load", "unload") or not name:
+        raise APIError(404, "Not found: no such route or resource")
+    return name, verb
+
+
+def decode_json(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def if_match(request: Request[Any, Any, Any]) -> str | None:
+    return request.headers.get("if-match")
+
+
+def editable(registry_file: RegistryFile | None) -> RegistryFile:
+    if registry_file is None:
+        raise APIError(409, f"The registry cannot be edited: {NO_FILE}", code="registry_not_editable")
+    return registry_file
+
+
+async def edited(registry: ModelRegistry, manager: ModelManager, edit: Callable[[], str]) -> str:
+    """Make one edit of the file (on a thread: it writes and syncs a file), then serve the edited registry."""
+    try:
+        version = await asyncio.to_thread(edit)
+    except RegistryFileError as exc:  # the file itself is broken: edited by hand into something that is not JSON
+        raise APIError(409, str(exc), code="registry_conflict") from None
+    except RegistryEditError as exc:
+        code = {400: "invalid_model_entry", 404: "model_not_found", 409: "registry_conflict"}[exc.status]
+        param = exc.problems[0].key if exc.problems else None
+        raise APIError(exc.status, exc.message, param=param, code=code) from None
+    registry.reload()
+    await manager.registry_changed()
+    return version

@@ -17,6 +17,7 @@ from litestar.di import Provide
 from litestar.plugins import InitPluginProtocol
 
 from backends import ModelRegistry, create_model
+from backends.registry_file import RegistryFile
 from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
 from proxy.chat import ChatCompletionService
@@ -51,6 +52,7 @@ class Services:
     upstreams: UpstreamClients
     forwarder: Forwarder
     ray: RayCluster | None  # with --ray: the cluster loaded models are deployed on
+    registry_file: RegistryFile | None  # where registry edits go: the first registry file the server was given
     started_at: float
 
     @classmethod
@@ -101,6 +103,7 @@ class Services:
             upstreams=upstreams,
             forwarder=Forwarder(manager, upstreams, metrics),
             ray=ray,
+            registry_file=RegistryFile(registry.sources[0]) if registry.sources else None,
             started_at=time.time(),
         )
 

@@ -160,3 +160,36 @@ def test_sign_in_then_load_and_unload(browser: Any, tmp_path: Path) -> None:
         page.goto(f"{server.base_url}/admin")
         expect(page.locator("#key")).to_be_visible()  # signed out: back to the form
         page.close()
+
+
+def test_a_downloads_progress_bar_moves_then_the_load_completes(browser: Any, tmp_path: Path) -> None:
+    """The real huggingface_hub client in a server process fetches the demo GGUF from a stand-in hub on loopback,
+    slowly; the row's progress bar fills by itself, and the model loads."""
+    from playwright.sync_api import expect
+
+    from tests.support import ServerProcess, smollm2_gguf
+    from tests.support.hub import StandInHub
+
+    gguf = smollm2_gguf()
+    name = "smol-from-the-hub"
+    entry = smol_entry(name, huggingface_id="stand-in/smollm2", python_package=None)
+    with StandInHub({"stand-in/smollm2": {gguf.name: gguf}}, bytes_per_second=gguf.stat().st_size // 6) as hub:
+        env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+        with ServerProcess(write_registry(tmp_path / "model_registry.json", [entry]), env=env) as server:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{server.base_url}/admin")
+            page.wait_for_function("() => window.htmx !== undefined")
+            model = row(page, name)
+            model.locator("button.load").click()
+            bar = model.locator("progress.download")
+            expect(bar).to_be_visible(timeout=30_000)
+            first = float(bar.get_attribute("value") or 0)
+            page.wait_for_function(
+                f"() => Number(document.querySelector('tr#m-{name} progress.download')?.value ?? -1) > {first}",
+                timeout=30_000,
+            )
+            expect(model.locator(".download-text")).to_contain_text("s left")
+            shot(page, "7-downloading")
+            expect(model.locator(".badge")).to_have_text("loaded", timeout=60_000)
+            expect(bar).to_have_count(0)
+            page.close()

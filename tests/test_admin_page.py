@@ -122,6 +122,10 @@ def test_row_renders_each_state(state: str) -> None:
     assert f"badge-{state}" in html
     if state in ("loading", "unloading"):
         assert f"{state}…" in html and 'hx-trigger="every 1s"' in html and "button" not in html
+    if state == "loading":  # a download can be cancelled from its row
+        view.update(stage="downloading", download={"bytes_done": 10, "bytes_total": 100, "bytes_per_second": 5})
+        downloading = render_block(ENVIRONMENT, TEMPLATE, "row", model=decorate(view, entry.spec, 0.0))
+        assert 'value="10" max="100"' in downloading and "Cancel" in downloading and "10 B of 100 B" in downloading
     if state == "loaded":
         assert "0/31 layers on GPU" in html and "96.6 MB" in html and "70.5 tokens/s" in html and "Unload" in html
     if state == "failed":

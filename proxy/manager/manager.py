@@ -34,6 +34,15 @@ from proxy.settings import ManagerSettings
 
 logger = logging.getLogger(__name__)
 
+# Keys a request reads from its model's entry, rather than a load: an edit of only these applies at once.
+REQUEST_KEYS = frozenset({"temperature", "top_p", "eos_to_cull", "output_split_prefix"})
+
+
+def only_request_keys_differ(old: ModelSpec, new: ModelSpec) -> bool:
+    keys = set(old) | set(new)
+    return all(old.get(k) == new.get(k) for k in keys - REQUEST_KEYS)
+
+
 ModelFactory = Callable[[ModelSpec, LoadOptions], Model]
 Concurrency = Callable[[ModelSpec, LoadOptions], int]
 
@@ -108,7 +117,9 @@ class ModelManager:
     def slot(self, name: str) -> ModelSlot:
         """The slot of a servable registry name; ``UnknownModelError`` or ``InvalidModelEntryError`` otherwise."""
         slot = self._slots.get(name)
-        if slot is None:  # the registry never changes: a name resolved once stays resolved
+        if slot is not None and slot.entry_deleted:
+            self.registry.resolve(name)  # 404: its model serves only the requests it had when it was deleted
+        if slot is None:  # a name resolved once stays resolved until its entry is edited (registry_changed)
             spec = self.registry.resolve(name)
             concurrency = self._concurrency(spec, self.options) if self._concurrency is not None else None
             slot = self._slots[name] = ModelSlot(name, spec, self.options, self.settings.max_queue, concurrency)
@@ -273,7 +284,7 @@ class ModelManager:
             spec = ModelSpec.from_dict({**slot.spec.to_dict(), **override}) if override else slot.spec
             await self.residency.make_room(slot)  # and marks the slot LOADING
             started = time.monotonic()
-            model = self._factory(spec, self.options)
+            model = slot.loading = self._factory(spec, self.options)
             try:
                 await asyncio.to_thread(model.load)
             except BaseException as exc:
@@ -288,6 +299,8 @@ class ModelManager:
                     slot.changed.notify_all()
                 await self.residency.notify()
                 raise
+            finally:
+                slot.loading = None
             async with slot.changed:
                 slot.model = model
                 slot.override = dict(override or {})
@@ -303,8 +316,12 @@ class ModelManager:
         await self.residency.evict_over_budget(keep=slot)
 
     async def unload(self, name: str, timeout: float | None = None) -> ModelSlot:
-        """Unload a model once its running requests finish (stopped after ``timeout``); a failed model is reset."""
+        """Unload a model once its running requests finish (stopped after ``timeout``); a failed model is reset,
+        a downloading one stops downloading (mid-file); one that reads its weights is unloaded once loaded."""
         slot = self.slot(name)
+        if slot.loading is not None and slot.loading.progress.stage == "downloading":
+            logger.info("%s: cancelling its download", slot.name)
+            slot.loading.progress.cancel()
         await self._unload(slot, self.settings.unload_timeout if timeout is None else timeout)
         return slot
 
@@ -337,6 +354,8 @@ class ModelManager:
                 slot.loaded_at = slot.load_seconds = None
                 slot.changed.notify_all()
             logger.info("%s: unloaded", slot.name)
+            if slot.entry_changed:  # its next load reads the edited entry
+                self._forget(slot.name, slot)
         await self.residency.notify()
 
     async def _finish_or_stop(self, slot: ModelSlot, timeout: float, reason: ManagerError) -> None:
@@ -353,6 +372,41 @@ class ModelManager:
                 for lease in queue.running:
                     lease.stop(reason)
                 await slot.changed.wait_for(lambda: not queue.in_use)
+
+    # --- registry edits ------------------------------------------------------------------------------
+
+    async def registry_changed(self) -> None:
+        """After the registry was edited and reloaded: serve each name by its new entry at once where nothing is
+        loaded, or where only request-time keys changed; mark a loaded model whose loading keys changed
+        (``entry_changed``: a reload applies the edit); unload a deleted entry's model once its requests end."""
+        for name, slot in list(self._slots.items()):
+            try:
+                spec = self.registry.resolve(name)
+            except BackendError:  # deleted, or no longer valid: nothing new may reach it
+                spec = None
+            if spec == slot.spec:
+                continue
+            if not slot.is_loaded and slot.state != ModelState.LOADING:
+                self._forget(name, slot)
+            elif spec is None:
+                slot.entry_deleted = True
+                self._spawn(self._unload_deleted(name, slot))
+            elif only_request_keys_differ(slot.spec, spec):
+                slot.spec = spec
+                if slot.model is not None:
+                    slot.model.spec = ModelSpec.from_dict({**spec.to_dict(), **slot.override})
+            else:
+                slot.entry_changed = True
+        await self.residency.notify()
+
+    def _forget(self, name: str, slot: ModelSlot) -> None:
+        """Drop a slot, so that the name's next use builds one from its current entry."""
+        if self._slots.get(name) is slot and not slot.queue.busy:
+            del self._slots[name]
+
+    async def _unload_deleted(self, name: str, slot: ModelSlot) -> None:
+        await self._unload(slot, self.settings.unload_timeout)
+        self._forget(name, slot)
 
     # --- idle models, shutdown -----------------------------------------------------------------------
 

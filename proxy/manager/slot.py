@@ -32,6 +32,7 @@ class ModelSlot:
         self.spec = spec
         self.state = ModelState.UNLOADED
         self.model: Model | None = None
+        self.loading: Model | None = None  # the model being loaded, whose progress the admin page shows
         self.error: str | None = None
         self.error_at: float | None = None
         self.failures = 0  # failed loads so far; a request waiting on a load fails with it, later ones retry
@@ -48,6 +49,8 @@ class ModelSlot:
         self.changed = asyncio.Condition()  # notified on every change of state or of the queue
         self.transition = asyncio.Lock()  # held by a load or an unload of this model
         self.pending_load: asyncio.Future[None] | None = None  # a load started on behalf of waiting requests
+        self.entry_changed = False  # its registry entry was edited while loaded: a reload applies the edit
+        self.entry_deleted = False  # its registry entry was deleted: unloaded once its requests have ended
 
     @property
     def is_loaded(self) -> bool:
@@ -76,6 +79,7 @@ class ModelSlot:
         return round(tokens / seconds, 1) if seconds > 0 and tokens else None
 
     def describe(self) -> dict[str, Any]:
+        progress = self.loading.progress.view() if self.loading is not None else {}
         return {
             "state": self.state.value,
             "error": self.error,
@@ -89,5 +93,8 @@ class ModelSlot:
             "requests_served": self.requests_served,
             "tokens_per_second": self.tokens_per_second(),
             "override": dict(self.override),
+            "entry_changed": self.entry_changed,
             "loaded": self.model.load_info() if self.is_loaded and self.model is not None else None,
+            "stage": progress.get("stage"),  # while loading: what the load is doing
+            "download": progress.get("download"),  # while it downloads: bytes done and total, speed, time left
         }
