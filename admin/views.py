@@ -115,9 +115,52 @@ def decorate(view: dict[str, Any], spec: Any, now: float) -> dict[str, Any]:
         gpu_possible=gpu_backend(view["backend"], gpu),
         busy_state=view["state"] in ("loading", "unloading"),
         download_text=download_text(view.get("download")),
+        charts=charts(view.get("series") or []),
         **engine_texts(view.get("loaded")),
     )
     return view
+
+
+CHARTS = (
+    ("tokens_per_second", "tokens/s", ""),
+    ("ttft_ms", "first token", "ms"),
+    ("queued", "queued", ""),
+)
+CHART_WIDTH, CHART_HEIGHT = 120, 28
+
+
+def charts(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Small line charts of a loaded model's last minutes, drawn as inline SVG: each point's position, and the
+    words its hover shows."""
+    if len(series) < 2:
+        return []
+    start, end = series[0]["time"], series[-1]["time"]
+    span = max(end - start, 1e-6)
+    drawn = []
+    for key, label, unit in CHARTS:
+        values = [(p["time"], p[key]) for p in series if p.get(key) is not None]
+        if not values:
+            continue
+        peak = max(v for _, v in values)
+        top = peak or 1  # the height a flat zero line is drawn against
+        dots = []
+        for moment, value in values:
+            x = round((moment - start) / span * CHART_WIDTH, 1)
+            y = round(CHART_HEIGHT - value / top * CHART_HEIGHT, 1)
+            clock = time.strftime("%H:%M:%S", time.localtime(moment))
+            dots.append({"x": x, "y": y, "title": f"{clock} · {value:g} {unit or label}".rstrip()})
+        drawn.append(
+            {
+                "key": key,
+                "label": label,
+                "unit": unit,
+                "last": values[-1][1],
+                "peak": peak,
+                "points": " ".join(f"{d['x']},{d['y']}" for d in dots),
+                "dots": dots,
+            }
+        )
+    return drawn
 
 
 def download_text(download: dict[str, Any] | None) -> str:

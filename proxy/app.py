@@ -153,9 +153,11 @@ def create_app(
             logger.info("preloading %s", name)
             await manager.load(name)  # a model that cannot load stops the start-up, with its error
         idle_unloader = asyncio.create_task(manager.run_idle_unloader()) if settings.manager.idle_unload else None
+        sampler = asyncio.create_task(manager.run_sampler())
         try:
             yield
         finally:
+            sampler.cancel()
             if idle_unloader is not None:
                 idle_unloader.cancel()
             await manager.close()

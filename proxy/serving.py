@@ -280,8 +280,10 @@ class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
             generation = generate_text(lease.model, choice.prompt, choice.params, outcome, lease.cancel_event())
             async with aclosing(generation) as deltas:
                 async for delta in deltas:
-                    if first and self.metrics is not None:
-                        self.metrics.first_token.labels(name).observe(time.monotonic() - started)
+                    if first:
+                        lease.first_token = lease.first_token or time.monotonic() - started
+                        if self.metrics is not None:
+                            self.metrics.first_token.labels(name).observe(time.monotonic() - started)
                     first = False
                     yield delta
         finally:

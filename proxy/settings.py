@@ -118,6 +118,9 @@ class ManagerSettings:
         metavar="SECONDS",
     )
     retry_after: int = setting(2, "seconds a 503 asks the client to wait before it retries (Retry-After)")
+    stats_interval: float = setting(
+        5.0, "seconds between two points of each loaded model's charts on the admin page", metavar="SECONDS"
+    )
 
 
 @dataclass(frozen=True)

@@ -325,8 +325,10 @@ class Forwarder:
                     if "model" in event:
                         event["model"] = name
                     fresh = generated_pieces(event)
-                    if fresh and not pieces and self.metrics is not None:
-                        self.metrics.first_token.labels(name).observe(time.monotonic() - started)
+                    if fresh and not pieces:
+                        lease.first_token = time.monotonic() - started
+                        if self.metrics is not None:
+                            self.metrics.first_token.labels(name).observe(lease.first_token)
                     pieces += fresh
                     reported = usage_tokens(event) or reported
                     if "error" in event:

@@ -193,3 +193,31 @@ def test_a_downloads_progress_bar_moves_then_the_load_completes(browser: Any, tm
             expect(model.locator(".badge")).to_have_text("loaded", timeout=60_000)
             expect(bar).to_have_count(0)
             page.close()
+
+
+def test_charts_appear_after_a_few_requests(browser: Any, tmp_path: Path) -> None:
+    """Each loaded model's row draws its tokens/s, time to first token and queue as inline SVG, from the
+    manager's own statistics; hovering a point tells its value."""
+    import httpx
+    from playwright.sync_api import expect
+
+    registry = ModelRegistry.from_files([write_registry(tmp_path / "model_registry.json", [smol_entry()])])
+    with RunningServer(registry, Settings.of(stats_interval=0.3)) as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        for _ in range(4):
+            client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        series = httpx.get(f"{server.base_url}/admin/api/models/{SMOL}").json()["series"]
+        assert len(series) >= 2 and any(p["tokens_per_second"] > 0 for p in series)
+        assert any(p["ttft_ms"] for p in series) and all(p["queued"] == 0 for p in series)
+
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{server.base_url}/admin")
+        smol = row(page, SMOL)
+        for key in ("tokens_per_second", "ttft_ms", "queued"):
+            expect(smol.locator(f"figure.chart-{key} svg polyline")).to_have_count(1)
+        dot = smol.locator("figure.chart-tokens_per_second circle").last
+        expect(dot.locator("title")).to_contain_text("tokens/s")
+        dot.hover()
+        shot(page, "8-charts")
+        assert not page.locator("script[src^=http]").count()  # no chart library from anywhere
+        page.close()

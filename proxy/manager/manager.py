@@ -257,6 +257,7 @@ class ModelManager:
             slot.last_used = time.time()
             slot.requests_served += 1
             slot.recent.append((lease.tokens, time.monotonic() - reservation.started))
+            slot.stats.ended(lease.tokens, lease.first_token)
             if self.metrics is not None:
                 self.metrics.tokens.labels(slot.name).inc(lease.tokens)
         queue.admitted -= 1
@@ -428,6 +429,19 @@ class ModelManager:
             logger.info("%s: idle for %.0f s; unloading", slot.name, now - (slot.last_used or now))
             await self._unload(slot, self.settings.unload_timeout, only_if_idle=True)
         return [s.name for s in expired]
+
+    def sample(self, now: float | None = None) -> None:
+        """One point of every loaded model's recent statistics (the admin page's charts)."""
+        now = time.time() if now is None else now
+        for slot in self._slots.values():
+            if slot.is_loaded:
+                slot.stats.sample(now, slot.queue.queued)
+
+    async def run_sampler(self) -> None:
+        """Background task: a point of statistics every ``stats_interval`` seconds."""
+        while True:
+            await asyncio.sleep(self.settings.stats_interval)
+            self.sample()
 
     async def run_idle_unloader(self) -> None:
         """Background task: checks for idle models a few times per ``idle_unload`` period."""

@@ -30,6 +30,7 @@ class Lease:
         self._on_stop: list[Callable[[], None]] = []
         self._stopped: ManagerError | None = None
         self.tokens = 0  # generated under this lease, as its request counts them (for tokens per second)
+        self.first_token: float | None = None  # seconds from its turn to its first text (for the charts)
 
     def cancel_event(self) -> threading.Event:
         """A cancel flag for one generation under this lease (a request with ``n`` > 1 runs several)."""

@@ -8,6 +8,7 @@ of state or of the request queue is announced on ``changed``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from enum import StrEnum
 from typing import Any
@@ -22,6 +23,37 @@ class ModelState(StrEnum):
     LOADED = "loaded"
     UNLOADING = "unloading"
     FAILED = "failed"
+
+
+class Statistics:
+    """A loaded model's recent activity, a point every ``stats_interval``: tokens per second, mean time to first
+    token of the requests that ended since the last point, and requests waiting (the last minutes' worth)."""
+
+    POINTS = 60
+
+    def __init__(self) -> None:
+        self.points: deque[dict[str, Any]] = deque(maxlen=self.POINTS)
+        self._tokens = 0
+        self._first_tokens: list[float] = []
+        self._last = time.time()
+
+    def ended(self, tokens: int, first_token: float | None) -> None:
+        self._tokens += tokens
+        if first_token is not None:
+            self._first_tokens.append(first_token)
+
+    def sample(self, now: float, queued: int) -> None:
+        seconds = max(now - self._last, 1e-6)
+        ttft = sum(self._first_tokens) / len(self._first_tokens) if self._first_tokens else None
+        self.points.append(
+            {
+                "time": round(now, 3),
+                "tokens_per_second": round(self._tokens / seconds, 2),
+                "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
+                "queued": queued,
+            }
+        )
+        self._tokens, self._first_tokens, self._last = 0, [], now
 
 
 class ModelSlot:
@@ -41,6 +73,7 @@ class ModelSlot:
         self.last_used: float | None = None
         self.requests_served = 0
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent generations
+        self.stats = Statistics()
         self.override: dict[str, Any] = {}  # placement keys the current load was given
         self.remote = backend_of(spec).remote  # served by another server: holds no memory, never evicted
         if concurrency is None:
@@ -94,6 +127,7 @@ class ModelSlot:
             "tokens_per_second": self.tokens_per_second(),
             "override": dict(self.override),
             "entry_changed": self.entry_changed,
+            "series": list(self.stats.points) if self.is_loaded else [],
             "loaded": self.model.load_info() if self.is_loaded and self.model is not None else None,
             "stage": progress.get("stage"),  # while loading: what the load is doing
             "download": progress.get("download"),  # while it downloads: bytes done and total, speed, time left
