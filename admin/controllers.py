@@ -7,7 +7,7 @@ needs the admin key or a session, and every form POST the page's CSRF token.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
@@ -17,10 +17,22 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 
-from admin.rendering import ENVIRONMENT, LOGIN_TEMPLATE, TEMPLATE, cookie, csrf_token, html, render_row
+from admin.editor import EntryForm
+from admin.rendering import (
+    ENVIRONMENT,
+    LOGIN_TEMPLATE,
+    TEMPLATE,
+    cookie,
+    csrf_token,
+    editing,
+    html,
+    render_editor,
+    render_row,
+)
 from admin.views import page_context, summary_context
-from backends import BackendError, ModelRegistry
-from proxy.admin_api import freshen, split_action
+from backends import BackendError, ModelRegistry, RegistryFileError
+from backends.registry_file import RegistryEditError, RegistryFile, entry_name
+from proxy.admin_api import NO_FILE, apply_edit, freshen, split_action
 from proxy.errors import APIError
 from proxy.manager import ManagerError, ModelManager
 from proxy.security import LOGIN_PATH, SESSION_COOKIE, SESSION_SECONDS, Access, AccessControl, auth_of, requires
@@ -75,13 +87,16 @@ class AdminController(Controller):
         manager: NamedDependency[ModelManager],
         access: NamedDependency[AccessControl],
         upstreams: NamedDependency[UpstreamClients],
+        registry_file: NamedDependency[RegistryFile | None],
         q: FromQuery[str] = "",
     ) -> Response[str]:
         await freshen(registry, manager, upstreams)
         context = page_context(registry, manager, upstreams, q.strip())
         token, cookies = csrf_token(request, access)
         signed_in = auth_of(request) == "session"
-        page = ENVIRONMENT.get_template(TEMPLATE).render(**context, csrf_token=token, signed_in=signed_in)
+        page = ENVIRONMENT.get_template(TEMPLATE).render(
+            **context, **editing(registry_file), csrf_token=token, signed_in=signed_in
+        )
         return html(page, cookies=cookies)
 
     @get("/summary")
@@ -98,10 +113,11 @@ class AdminController(Controller):
         manager: NamedDependency[ModelManager],
         access: NamedDependency[AccessControl],
         upstreams: NamedDependency[UpstreamClients],
+        registry_file: NamedDependency[RegistryFile | None],
         name: FromPath[str],
     ) -> Response[str]:
         await freshen(registry, manager, upstreams)
-        return html(render_row(request, registry, manager, access, upstreams, name.lstrip("/")))
+        return html(render_row(request, registry, manager, access, upstreams, registry_file, name.lstrip("/")))
 
     @post("/models/{action:path}", status_code=200)
     async def model_action(
@@ -111,6 +127,7 @@ class AdminController(Controller):
         manager: NamedDependency[ModelManager],
         access: NamedDependency[AccessControl],
         upstreams: NamedDependency[UpstreamClients],
+        registry_file: NamedDependency[RegistryFile | None],
         admin_tasks: NamedDependency[Tasks],
         action: FromPath[str],
     ) -> Response[str] | Redirect:
@@ -118,17 +135,111 @@ class AdminController(Controller):
         name, verb = split_action(action)
         registry.lookup(name)  # 404 for an unknown name
         if manager.slot(name).remote:  # nothing to load: the row says so
-            return self._answer(request, registry, manager, access, upstreams, name, None)
+            return self._answer(request, registry, manager, access, upstreams, registry_file, name, None)
         if verb == "unload":
             work = manager.unload(name)
         else:
             try:
                 override = placement_override(await request.form())
             except APIError as exc:
-                return self._answer(request, registry, manager, access, upstreams, name, exc.message)
+                return self._answer(request, registry, manager, access, upstreams, registry_file, name, exc.message)
             work = manager.load(name, override)
         task = in_background(admin_tasks, work)
-        return await self._when_started(request, registry, manager, access, upstreams, name, task)
+        return await self._when_started(request, registry, manager, access, upstreams, registry_file, name, task)
+
+    # --- the registry editor --------------------------------------------------------------------------
+
+    @get("/registry/form")
+    async def entry_form(
+        self,
+        request: Request[Any, Any, Any],
+        access: NamedDependency[AccessControl],
+        registry_file: NamedDependency[RegistryFile | None],
+        name: FromQuery[str] = "",
+        duplicate: FromQuery[bool] = False,
+        close: FromQuery[bool] = False,
+    ) -> Response[str]:
+        """The form for a new entry, an entry of the file (``name``), or a copy of one (``duplicate``)."""
+        token, _ = csrf_token(request, access)
+        if close or registry_file is None or registry_file.refusal() is not None:
+            return html(render_editor(token, registry_file, None))
+        entries, version, _ = registry_file.read()
+        if not name:
+            return html(render_editor(token, registry_file, EntryForm({"backend": "llamacpp"}, "", "", version)))
+        entry = next((e for e in entries if entry_name(e) == name), None)
+        if entry is None:
+            raise APIError(404, f"{registry_file.path} has no entry named '{name}'", code="model_not_found")
+        form = EntryForm.of_entry(entry, "" if duplicate else name, version)
+        if duplicate:
+            form.values["model_name"] = f"{name}-copy"
+        return html(render_editor(token, registry_file, form))
+
+    @post("/registry/save", status_code=200)
+    async def save_entry(
+        self,
+        request: Request[Any, Any, Any],
+        registry: NamedDependency[ModelRegistry],
+        manager: NamedDependency[ModelManager],
+        access: NamedDependency[AccessControl],
+        registry_file: NamedDependency[RegistryFile | None],
+    ) -> Response[str] | Redirect:
+        """Save the form's entry (a renamed one replaces its old name); errors go back next to their fields."""
+        form = EntryForm.of_form(await request.form())
+        entry = form.entry()
+        if entry is not None:
+            error = await self._edit(registry, manager, registry_file, form, lambda file: save(file, form, entry))
+            if error is None:
+                return self._reload(request)
+        token, _ = csrf_token(request, access)
+        status = 200 if request.headers.get("hx-request") else 400  # htmx swaps only what succeeds
+        return html(render_editor(token, registry_file, form), status_code=status)
+
+    @post("/registry/delete/{name:path}", status_code=200)
+    async def delete_entry(
+        self,
+        request: Request[Any, Any, Any],
+        registry: NamedDependency[ModelRegistry],
+        manager: NamedDependency[ModelManager],
+        registry_file: NamedDependency[RegistryFile | None],
+        name: FromPath[str],
+    ) -> Response[str] | Redirect:
+        form = EntryForm({}, "")
+        name = name.lstrip("/")
+        await self._edit(registry, manager, registry_file, form, lambda file: file.delete(name, None))
+        if form.errors:
+            raise APIError(409, " ".join(form.errors["form"]), code="registry_conflict")
+        return self._reload(request)
+
+    @staticmethod
+    async def _edit(
+        registry: ModelRegistry,
+        manager: ModelManager,
+        registry_file: RegistryFile | None,
+        form: EntryForm,
+        edit: Callable[[RegistryFile], str],
+    ) -> str | None:
+        """Make the edit; what went wrong is put on the form (and returned), None when it was saved."""
+        if registry_file is None:
+            form.errors["form"] = [f"The registry cannot be edited: {NO_FILE}"]
+            return form.errors["form"][0]
+        try:
+            await apply_edit(registry, manager, lambda: edit(registry_file))
+        except RegistryEditError as exc:
+            form.show(exc.problems)
+            if not exc.problems:
+                form.errors["form"] = [exc.message]
+            return exc.message
+        except RegistryFileError as exc:
+            form.errors["form"] = [str(exc)]
+            return str(exc)
+        return None
+
+    @staticmethod
+    def _reload(request: Request[Any, Any, Any]) -> Response[str] | Redirect:
+        """After a saved edit the whole page is drawn again: rows may have come, gone or changed."""
+        if request.headers.get("hx-request"):
+            return Response("", headers={"HX-Refresh": "true"}, media_type="text/html")
+        return Redirect(path="/admin/", status_code=303)
 
     async def _when_started(
         self,
@@ -137,6 +248,7 @@ class AdminController(Controller):
         manager: ModelManager,
         access: AccessControl,
         upstreams: UpstreamClients,
+        registry_file: RegistryFile | None,
         name: str,
         task: asyncio.Task[Any],
     ) -> Response[str] | Redirect:
@@ -144,7 +256,7 @@ class AdminController(Controller):
         is over."""
         await asyncio.wait({task}, timeout=0.05 if request.headers.get("hx-request") else None)
         failure = task.exception() if task.done() else None
-        return self._answer(request, registry, manager, access, upstreams, name, refusal_of(failure))
+        return self._answer(request, registry, manager, access, upstreams, registry_file, name, refusal_of(failure))
 
     def _answer(
         self,
@@ -153,12 +265,21 @@ class AdminController(Controller):
         manager: ModelManager,
         access: AccessControl,
         upstreams: UpstreamClients,
+        registry_file: RegistryFile | None,
         name: str,
         error: str | None,
     ) -> Response[str] | Redirect:
         if request.headers.get("hx-request"):
-            return html(render_row(request, registry, manager, access, upstreams, name, error))
+            return html(render_row(request, registry, manager, access, upstreams, registry_file, name, error))
         return Redirect(path=f"/admin/?q={quote(name)}" if error else "/admin/", status_code=303)
+
+
+def save(file: RegistryFile, form: EntryForm, entry: dict[str, Any]) -> str:
+    """Write the form's entry; one saved under a new name takes its old name's place (the old one goes)."""
+    version = file.put(form.name, entry, form.version or None)
+    if form.original and form.original != form.name:
+        version = file.delete(form.original, version)
+    return version
 
 
 def safe_next(target: str) -> str:

@@ -11,8 +11,11 @@ from jinja2_fragments import render_block
 from litestar import MediaType, Request, Response
 from litestar.datastructures import Cookie
 
+from admin.editor import FIELDS, EntryForm
 from admin.views import model_row
 from backends import ModelRegistry
+from backends.registry_file import RegistryFile
+from proxy.admin_api import NO_FILE
 from proxy.manager import ModelManager
 from proxy.security import CSRF_COOKIE, AccessControl
 from proxy.upstream import UpstreamClients
@@ -56,12 +59,29 @@ def csrf_token(request: Request[Any, Any, Any], access: AccessControl) -> tuple[
     return access.csrf_token(value), [cookie(request, CSRF_COOKIE, value)]
 
 
+EDITOR_TEMPLATE = "editor.html.j2"
+
+
+def editing(registry_file: RegistryFile | None) -> dict[str, Any]:
+    """What the page needs to offer editing: the file's path when it can be edited, else why not."""
+    refusal = registry_file.refusal() if registry_file is not None else NO_FILE
+    path = str(registry_file.path) if registry_file is not None and refusal is None else None
+    return {"registry_path": path, "refusal": refusal}
+
+
+def render_editor(token: str, registry_file: RegistryFile | None, form: EntryForm | None) -> str:
+    return render_block(
+        ENVIRONMENT, EDITOR_TEMPLATE, "editor", form=form, fields=FIELDS, csrf_token=token, **editing(registry_file)
+    )
+
+
 def render_row(
     request: Request[Any, Any, Any],
     registry: ModelRegistry,
     manager: ModelManager,
     access: AccessControl,
     upstreams: UpstreamClients,
+    registry_file: RegistryFile | None,
     name: str,
     action_error: str | None = None,
 ) -> str:
@@ -73,4 +93,5 @@ def render_row(
         model=model_row(registry, manager, upstreams, name),
         action_error=action_error,
         csrf_token=token,
+        **editing(registry_file),
     )

@@ -232,16 +232,22 @@ def editable(registry_file: RegistryFile | None) -> RegistryFile:
     return registry_file
 
 
+async def apply_edit(registry: ModelRegistry, manager: ModelManager, edit: Callable[[], str]) -> str:
+    """Make one edit of the file (on a thread: it writes and syncs a file), then serve the edited registry;
+    ``RegistryEditError`` or ``RegistryFileError`` when it cannot be made."""
+    version = await asyncio.to_thread(edit)
+    registry.reload()
+    await manager.registry_changed()
+    return version
+
+
 async def edited(registry: ModelRegistry, manager: ModelManager, edit: Callable[[], str]) -> str:
-    """Make one edit of the file (on a thread: it writes and syncs a file), then serve the edited registry."""
+    """``apply_edit``, its refusals in the OpenAI envelope."""
     try:
-        version = await asyncio.to_thread(edit)
+        return await apply_edit(registry, manager, edit)
     except RegistryFileError as exc:  # the file itself is broken: edited by hand into something that is not JSON
         raise APIError(409, str(exc), code="registry_conflict") from None
     except RegistryEditError as exc:
         code = {400: "invalid_model_entry", 404: "model_not_found", 409: "registry_conflict"}[exc.status]
         param = exc.problems[0].key if exc.problems else None
         raise APIError(exc.status, exc.message, param=param, code=code) from None
-    registry.reload()
-    await manager.registry_changed()
-    return version

@@ -221,3 +221,51 @@ def test_charts_appear_after_a_few_requests(browser: Any, tmp_path: Path) -> Non
         shot(page, "8-charts")
         assert not page.locator("script[src^=http]").count()  # no chart library from anywhere
         page.close()
+
+
+def test_add_an_entry_in_the_form_and_an_invalid_edit_shows_its_errors(browser: Any, tmp_path: Path) -> None:
+    """The registry editor: a new entry typed into the form is served at once; an invalid one shows its
+    problems next to their fields and leaves the file as it was."""
+    from playwright.sync_api import expect
+
+    path = write_registry(tmp_path / "model_registry.json", [smol_entry()])
+    with RunningServer(ModelRegistry.from_files([path]), Settings.of(admin_key=("editor-key",))) as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{server.base_url}/admin")
+        page.fill("#key", "editor-key")
+        page.click("button[type=submit]")
+        page.wait_for_function("() => window.htmx !== undefined")
+        editor = page.locator("#editor")
+        expect(editor).to_contain_text(str(path))
+
+        row(page, SMOL).locator("button.duplicate-entry").click()
+        form = page.locator("form.entry-form")
+        expect(form.locator("input[name=model_name]")).to_have_value(f"{SMOL}-copy")
+        form.locator("input[name=model_name]").fill("org/typed-in")
+        form.locator("input[name=parallel]").fill("2")
+        form.locator("button.save").click()
+        typed = row(page, "org/typed-in".replace("/", "_"))
+        expect(typed.locator(".badge")).to_have_text("unloaded", timeout=10_000)  # the page was drawn again
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="org/typed-in", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+        )
+        assert reply.model == "org/typed-in"
+        assert "org/typed-in" in path.read_text(encoding="utf-8")
+
+        before = path.read_text(encoding="utf-8")
+        page.locator("#editor button.add-entry").click()
+        form = page.locator("form.entry-form")
+        form.locator("input[name=model_name]").fill("broken")
+        form.locator("input[name=eos_to_cull]").fill("(")
+        form.locator("textarea[name=other]").fill('{"temperature": 5}')
+        form.locator("button.save").click()
+        expect(form.locator("label[data-key=eos_to_cull] .field-error")).to_contain_text("regular expression")
+        expect(form.locator("label[data-key=huggingface_id] .field-error")).to_contain_text("missing")
+        expect(form.locator("label[data-key=other] .field-error")).to_contain_text("temperature")
+        shot(page, "9-editor-errors")
+        assert path.read_text(encoding="utf-8") == before
+
+        page.set_viewport_size({"width": 390, "height": 844})  # the form fits a phone too
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.close()

@@ -167,3 +167,20 @@ def test_the_bundled_registry_is_not_edited(tmp_path: Path, monkeypatch: pytest.
         assert refused.status_code == 409 and "bundled" in refused.json()["error"]["message"]
     with RunningServer(ModelRegistry.from_list([smol_entry()])) as server:  # no file at all
         assert put(server, "x", smol_entry("x"), None).status_code == 409
+
+
+def test_the_editor_form_gives_back_the_entry_as_it_was_written() -> None:
+    from admin.editor import EntryForm
+
+    nested = {
+        "model_name": "n",
+        "backend": "llamacpp",
+        "model_config": {"huggingface_id": "a/b", "filename": "*.gguf", "premade_chat_template": True, "seed": 1},
+        "release_date": "2024",
+    }
+    form = EntryForm.of_entry(nested, "n", "v1")
+    assert form.values["huggingface_id"] == "a/b" and form.values["premade_chat_template"] == "true"
+    assert json.loads(form.other) == {"model_config": {"seed": 1}, "release_date": "2024"}
+    again = EntryForm.of_form({**form.values, "other": form.other, "nested": ",".join(form.nested)}).entry()
+    assert again is not None and json.dumps(again, sort_keys=True) == json.dumps(nested, sort_keys=True)
+    assert again["model_config"]["huggingface_id"] == "a/b"  # back where it was
