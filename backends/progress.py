@@ -2,9 +2,8 @@
 
 A load runs on a worker thread; the page reads its ``LoadProgress`` from the event loop. ``huggingface_hub``
 reports a download through a tqdm class (``tqdm_class``): ours counts the bytes, and raises ``LoadCancelled``
-from inside the download once the load is cancelled, which stops it mid-file. huggingface_hub 2.x deletes the
-partial file then (each download writes a file of its own, huggingface_hub#4228), so the next load starts that
-file over; files fetched to the end stay in the cache.
+from inside the download once the load is cancelled, which stops it mid-file; the next load resumes a single
+file where it stopped (``backends.weights.fetch_blob``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.metadata
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -268,12 +269,65 @@ def _from_hub(
     for filename in [main, *additional]:
         logger.info("downloading %s from %s (unless cached)", filename, repo_id)
         try:
+            if progress is not None:
+                fetch_blob(repo_id, filename, token, progress)
             paths.append(Path(hf_hub_download(repo_id, filename, token=token, tqdm_class=tqdm)))
         except LoadCancelled:
-            raise  # files fetched to the end stay cached; this one's part is dropped by huggingface_hub
+            raise  # what was fetched stays, for the next load to resume (fetch_blob)
         except Exception as exc:
             raise ModelLoadError(f"Downloading '{filename}' from {where} failed: {type(exc).__name__}: {exc}") from None
     return WeightFiles(paths[0], tuple(paths[1:]), f"hub:{repo_id}")
+
+
+def fetch_blob(repo_id: str, filename: str, token: str | None, progress: LoadProgress) -> None:
+    """Bring one file's blob into the Hugging Face cache, resuming the part an earlier, stopped load left.
+
+    huggingface_hub 2.x drops a partial download (each one writes a file of its own, huggingface_hub#4228), so
+    a model unloaded mid-download would start over. Here the part is kept beside the blob, appended to under a
+    lock (two servers may share the cache) and renamed into place once complete; ``hf_hub_download`` then finds
+    the blob and only links it into the snapshot. Files stored with Xet, or without an ETag or size, are left
+    to huggingface_hub.
+    """
+    import fcntl
+
+    import httpx
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+    metadata = get_hf_file_metadata(hf_hub_url(repo_id, filename), token=token, timeout=HUB_TIMEOUT_S)
+    if metadata.xet_file_data is not None or not metadata.etag or metadata.size is None:
+        return
+    blobs = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    blob = blobs / metadata.etag
+    if blob.exists():
+        return
+    blobs.mkdir(parents=True, exist_ok=True)
+    partial = blobs / f"{metadata.etag}.clemproxy-partial"
+    with open(partial, "ab") as out:
+        fcntl.flock(out, fcntl.LOCK_EX)  # held until the file is complete or this load stops
+        if blob.exists():
+            return  # another server finished it meanwhile
+        start = out.tell()
+        headers = build_hf_headers(token=token)
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        report = progress.tqdm_class()(total=metadata.size, initial=start, unit="B")
+        try:
+            with httpx.stream(
+                "GET", metadata.location, headers=headers, follow_redirects=True, timeout=HUB_TIMEOUT_S
+            ) as response:
+                response.raise_for_status()
+                if start and response.status_code != 206:  # the server sent the whole file: start over
+                    out.truncate(0)
+                for chunk in response.iter_bytes(1 << 20):
+                    report.update(len(chunk))  # raises LoadCancelled once the load is cancelled
+                    out.write(chunk)
+        finally:
+            report.close()
+            out.flush()
+        if out.tell() != metadata.size:
+            raise ModelLoadError(f"Downloading '{filename}' from {repo_id} gave {out.tell()} of {metadata.size} bytes")
+        os.replace(partial, blob)
 
 
 @dataclass(frozen=True)
