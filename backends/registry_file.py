@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class RegistryFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.Lock()  # one edit at a time: each reads, changes and writes the whole file
 
     def refusal(self) -> str | None:
         """Why this file cannot be edited, or None."""
@@ -105,20 +107,22 @@ class RegistryFile:
         if problems:
             listed = "; ".join(str(p) for p in problems)
             raise RegistryEditError(400, f"The entry for '{name}' is invalid: {listed}", problems)
-        entries, text = self._editable(if_match)
-        index = next((i for i, e in enumerate(entries) if entry_name(e) == name), None)
-        if index is None:
-            entries.append(dict(entry))
-        else:
-            entries[index] = dict(entry)
-        return self._save(entries, text)
+        with self._lock:
+            entries, text = self._editable(if_match)
+            index = next((i for i, e in enumerate(entries) if entry_name(e) == name), None)
+            if index is None:
+                entries.append(dict(entry))
+            else:
+                entries[index] = dict(entry)
+            return self._save(entries, text)
 
     def delete(self, name: str, if_match: str | None) -> str:
-        entries, text = self._editable(if_match)
-        kept = [e for e in entries if entry_name(e) != name]
-        if len(kept) == len(entries):
-            raise RegistryEditError(404, f"{self.path} has no entry named '{name}'")
-        return self._save(kept, text)
+        with self._lock:
+            entries, text = self._editable(if_match)
+            kept = [e for e in entries if entry_name(e) != name]
+            if len(kept) == len(entries):
+                raise RegistryEditError(404, f"{self.path} has no entry named '{name}'")
+            return self._save(kept, text)
 
     def _editable(self, if_match: str | None) -> tuple[list[Any], str]:
         """The entries and text of the file, when it may be edited and is still the version ``if_match`` names."""
