@@ -150,9 +150,7 @@ def find_model_source(spec: Mapping[str, Any], progress: LoadProgress | None = N
 
     logger.info("downloading %d files of %s (unless cached)", len(wanted), repo_id)
     try:
-        if progress is not None:
-            progress.enter("downloading")
-        tqdm = progress.tqdm_class() if progress is not None else None
+        tqdm = downloading(progress)
         snapshot = Path(snapshot_download(repo_id, allow_patterns=wanted, token=token, tqdm_class=tqdm))
     except LoadCancelled:
         raise
@@ -263,9 +261,7 @@ def _from_hub(
     main = _select(listing, pattern, where)
     additional = [_select(listing, p, where) for p in extra]
     paths = []
-    if progress is not None:
-        progress.enter("downloading")
-    tqdm = progress.tqdm_class() if progress is not None else None
+    tqdm = downloading(progress)
     for filename in [main, *additional]:
         logger.info("downloading %s from %s (unless cached)", filename, repo_id)
         try:
@@ -277,6 +273,14 @@ def _from_hub(
         except Exception as exc:
             raise ModelLoadError(f"Downloading '{filename}' from {where} failed: {type(exc).__name__}: {exc}") from None
     return WeightFiles(paths[0], tuple(paths[1:]), f"hub:{repo_id}")
+
+
+def downloading(progress: LoadProgress | None) -> type[Any] | None:
+    """Enter the load's downloading stage; the tqdm class huggingface_hub reports its bytes to."""
+    if progress is None:
+        return None
+    progress.enter("downloading")
+    return progress.tqdm_class()
 
 
 def fetch_blob(repo_id: str, filename: str, token: str | None, progress: LoadProgress) -> None:
