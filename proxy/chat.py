@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from backends import GenerationParams, Model, PreparedPrompt
-from backends.grammar import check_json_schema, grammar_problem, lark_grammar
 from backends.model import TokenLogprob as BackendTokenLogprob
-from backends.tools import CallStart, Content, Piece, ToolCallParser, call_grammar
+from backends.tools import CallStart, Content, Piece, ToolCallParser
+from proxy.constraints import Function, ToolChoice, constraint
 from proxy.errors import APIError
 from proxy.protocol import (
     ChatCompletion,
@@ -32,7 +32,15 @@ from proxy.protocol import (
     TopLogprob,
     Usage,
 )
-from proxy.serving import SYSTEM_FINGERPRINT, GeneratedChoice, OpenAIServing, ResponseHead, generation_params, usage_of
+from proxy.serving import (
+    SYSTEM_FINGERPRINT,
+    GeneratedChoice,
+    OpenAIServing,
+    ResponseHead,
+    generation_params,
+    include_usage,
+    usage_of,
+)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -132,46 +140,20 @@ def answer_schema(request: ChatCompletionRequest) -> tuple[dict[str, Any] | None
 
 
 def constraint_of(request: ChatCompletionRequest) -> tuple[tuple[dict[str, Any], ...], str | None]:
-    """The tools the prompt shows and the grammar the answer must match, each schema checked first, so that a
-    400 names the field that is wrong before anything is generated."""
+    """The tools the prompt shows and the grammar the answer must match (``proxy.constraints``)."""
     schema, schema_param = answer_schema(request)
-    schema_grammar = check_json_schema(schema, schema_param) if schema is not None else None
-    tools = request.tools or []
-    if request.tool_choice not in (None, "none") and not tools:
-        raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
-    functions = []
-    for index, tool in enumerate(tools):
-        function = {
-            "name": tool.function.name,
-            "parameters": tool.function.parameters or {"type": "object", "properties": {}},
-        }
-        check_json_schema(function["parameters"], f"tools[{index}].function.parameters")
-        if tool.function.description is not None:
-            function["description"] = tool.function.description
-        functions.append(function)
-    names = [f["name"] for f in functions]
-    if len(set(names)) != len(names):
-        raise APIError(400, "Two tools have the same function name", param="tools", code="invalid_value")
-    if not calls_tools(request):
-        return (), schema_grammar
-    choice = request.tool_choice or "auto"
-    if isinstance(choice, NamedToolChoice):
-        chosen = [f for f in functions if f["name"] == choice.function.name]
-        if not chosen:
-            raise APIError(
-                400,
-                f"tool_choice names the function '{choice.function.name}', which is not among the tools",
-                param="tool_choice.function.name",
-                code="invalid_value",
-            )
+    functions = [
+        Function(
+            tool.function.name, tool.function.description, tool.function.parameters, f"tools[{i}].function.parameters"
+        )
+        for i, tool in enumerate(request.tools or [])
+    ]
+    if isinstance(request.tool_choice, NamedToolChoice):
+        choice = ToolChoice("function", request.tool_choice.function.name, "tool_choice.function.name")
     else:
-        chosen = functions
+        choice = ToolChoice(request.tool_choice)
     parallel = request.parallel_tool_calls is not False
-    grammar = lark_grammar(call_grammar(chosen, forced=choice != "auto", parallel=parallel, answer_schema=schema))
-    if problem := grammar_problem(grammar):
-        raise APIError(400, f"These tools cannot be enforced together: {problem}", param="tools", code="invalid_schema")
-    shown = tuple({"type": "function", "function": function} for function in functions)
-    return shown, grammar
+    return constraint(functions, choice, parallel=parallel, schema=schema, schema_param=schema_param)
 
 
 def wire_logprobs(entries: list[BackendTokenLogprob]) -> ChoiceLogprobs:
@@ -192,7 +174,7 @@ Messages = list[dict[str, Any]]
 
 
 class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatCompletion]):
-    id_prefix = "chatcmpl"
+    id_prefix = "chatcmpl-"
 
     def parameters(self, request: ChatCompletionRequest, spec: Mapping[str, Any]) -> tuple[GenerationParams, Messages]:
         refuse_unsupported(request)
@@ -315,5 +297,7 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
         )
         return [*chunks, self._chunk(head, [finish])]
 
-    def usage_event(self, request: ChatCompletionRequest, head: ResponseHead, usage: Usage) -> Any:
-        return self._chunk(head, [], usage)
+    def close_events(
+        self, request: ChatCompletionRequest, head: ResponseHead, choices: list[GeneratedChoice]
+    ) -> list[Any]:
+        return [self._chunk(head, [], usage_of(choices))] if include_usage(request) else []

@@ -12,8 +12,16 @@ from typing import Any
 from backends import GenerationParams, Model, PreparedPrompt
 from backends.model import TokenLogprob as BackendTokenLogprob
 from proxy.errors import APIError
-from proxy.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
-from proxy.serving import SYSTEM_FINGERPRINT, GeneratedChoice, OpenAIServing, ResponseHead, generation_params, usage_of
+from proxy.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from proxy.serving import (
+    SYSTEM_FINGERPRINT,
+    GeneratedChoice,
+    OpenAIServing,
+    ResponseHead,
+    generation_params,
+    include_usage,
+    usage_of,
+)
 
 
 def legacy_logprobs(entries: list[BackendTokenLogprob], offset: int) -> CompletionLogprobs:
@@ -31,7 +39,7 @@ def legacy_logprobs(entries: list[BackendTokenLogprob], offset: int) -> Completi
 
 
 class CompletionService(OpenAIServing[CompletionRequest, list[str], Completion]):
-    id_prefix = "cmpl"
+    id_prefix = "cmpl-"
 
     def parameters(self, request: CompletionRequest, spec: Mapping[str, Any]) -> tuple[GenerationParams, list[str]]:
         for param, used in (
@@ -112,7 +120,9 @@ class CompletionService(OpenAIServing[CompletionRequest, list[str], Completion])
         )
         return [self._completion(head, [finish])]
 
-    def usage_event(self, request: CompletionRequest, head: ResponseHead, usage: Usage) -> Any:
+    def close_events(self, request: CompletionRequest, head: ResponseHead, choices: list[GeneratedChoice]) -> list[Any]:
+        if not include_usage(request):
+            return []
         completion = self._completion(head, [])
-        completion.usage = usage
-        return completion
+        completion.usage = usage_of(choices)
+        return [completion]

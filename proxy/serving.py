@@ -1,15 +1,18 @@
-"""The one serving path of ``/v1/chat/completions`` and ``/v1/completions`` (vLLM's ``OpenAIServing``).
+"""The one serving path of ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/responses`` (vLLM's
+``OpenAIServing``).
 
 Validate the request (before anything loads), reserve the model, prepare the prompts on it, wait for the
 turn, generate each choice, and answer with one body or an SSE stream that ends with the one trailer: an
 error event if something broke, then ``data: [DONE]``. An endpoint supplies only its request and response
-mapping (``chat``, ``completions``).
+mapping (``chat``, ``completions``, ``responses``), and may reshape the stream's frame and trailer (the
+Responses API numbers its typed events and ends without ``[DONE]``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -34,14 +37,25 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class SamplingRequest(Protocol):
-    """The sampling fields both completion requests share."""
+    """The sampling fields the completion requests share (the Responses API lacks some: always None there)."""
 
-    temperature: float | None
-    top_p: float | None
-    stop: str | list[str] | None
-    seed: int | None
-    presence_penalty: float | None
-    frequency_penalty: float | None
+    @property
+    def temperature(self) -> float | None: ...
+
+    @property
+    def top_p(self) -> float | None: ...
+
+    @property
+    def stop(self) -> str | list[str] | None: ...
+
+    @property
+    def seed(self) -> int | None: ...
+
+    @property
+    def presence_penalty(self) -> float | None: ...
+
+    @property
+    def frequency_penalty(self) -> float | None: ...
 
 
 def generation_params(
@@ -129,21 +143,29 @@ def sse(event: Any) -> bytes:
     return b"data: " + encode(event) + b"\n\n"
 
 
-def stream_error(name: str, exc: Exception) -> bytes:
-    """The one SSE event that ends a stream which broke after it had started; ``[DONE]`` follows it.
+def stream_failure(name: str, exc: Exception) -> APIError:
+    """What broke a stream after it had started, as the error its last event reports; logged here.
 
     Called from an ``except`` block, so that an unforeseen error is logged with its traceback.
     """
     if isinstance(exc, APIError):
         logger.warning("%s: stream ended early: %s", name, exc.message)
-        error = exc
-    elif isinstance(exc, ManagerError | BackendError):
+        return exc
+    if isinstance(exc, ManagerError | BackendError):
         logger.warning("%s: stream ended early: %s", name, exc.message)
-        error = APIError.of(exc)
-    else:
-        logger.exception("%s: generation failed mid-stream", name)
-        error = APIError(500, f"Generation failed ({type(exc).__name__}); see the server log", code="internal_error")
-    return sse(error.body())
+        return APIError.of(exc)
+    logger.exception("%s: generation failed mid-stream", name)
+    return APIError(500, f"Generation failed ({type(exc).__name__}); see the server log", code="internal_error")
+
+
+def stream_error(name: str, exc: Exception) -> bytes:
+    """The one SSE event that ends a stream which broke after it had started; ``[DONE]`` follows it."""
+    return sse(stream_failure(name, exc).body())
+
+
+def include_usage(request: Any) -> bool:
+    """Whether a chat or legacy completion stream ends with a usage chunk (``stream_options.include_usage``)."""
+    return bool(request.stream_options and request.stream_options.include_usage)
 
 
 RequestT = TypeVar("RequestT", bound="CompletionRequestLike")
@@ -151,17 +173,24 @@ InputT = TypeVar("InputT")
 ResponseT = TypeVar("ResponseT")
 
 
-class CompletionRequestLike(SamplingRequest, Protocol):
-    model: str
-    stream: bool
-    n: int | None
-    stream_options: Any
+class CompletionRequestLike(Protocol):
+    """What the path itself reads of a request; the rest is the endpoint's."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def n(self) -> int | None: ...
+
+    @property
+    def stream(self) -> bool: ...
 
 
 class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
     """The shared path; subclasses map one endpoint's request (to settings and prompt input) and response."""
 
-    id_prefix: ClassVar[str]
+    id_prefix: ClassVar[str]  # with its separator: "chatcmpl-", "resp_"
+    done_event: ClassVar[bytes] = DONE_EVENT  # the stream's last frame, after its last event
 
     def __init__(self, manager: ModelManager, limits: RequestLimits = NO_LIMITS, metrics: Any = None) -> None:
         self.manager = manager
@@ -197,13 +226,31 @@ class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
         """The chunks that end a choice: what was held back, then its finish reason."""
 
     @abstractmethod
-    def usage_event(self, request: RequestT, head: ResponseHead, usage: Usage) -> Any:
-        """The last chunk, with the usage, when ``stream_options.include_usage`` asks for it."""
+    def close_events(self, request: RequestT, head: ResponseHead, choices: list[GeneratedChoice]) -> list[Any]:
+        """The events after the last choice (the usage chunk, when ``stream_options.include_usage`` asks)."""
+
+    def open_events(self, request: RequestT, head: ResponseHead) -> list[Any]:
+        """The events before the first choice, once the turn has come."""
+        return []
+
+    def failure_events(
+        self, request: RequestT, head: ResponseHead, choices: list[GeneratedChoice], error: APIError
+    ) -> list[Any]:
+        """The events that end a stream which broke: by default the error's envelope."""
+        return [error.body()]
+
+    def frame(self, event: Any, sequence: int) -> bytes:
+        """One event as SSE; ``sequence`` counts the stream's events from 0."""
+        return sse(event)
+
+    async def finished(self, request: RequestT, head: ResponseHead, choices: list[GeneratedChoice]) -> None:
+        """Every choice has been generated, without error; runs before the whole answer or the closing events
+        are made (the Responses API stores its response here)."""
 
     # --- the path ------------------------------------------------------------------------------------
 
     def _head(self, request: RequestT) -> ResponseHead:
-        return ResponseHead(f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), request.model)
+        return ResponseHead(f"{self.id_prefix}{uuid.uuid4().hex}", int(time.time()), request.model)
 
     def _validated(self, request: RequestT) -> tuple[GenerationParams, InputT]:
         # Request errors first: a bad request never makes the server load a model.
@@ -231,6 +278,7 @@ class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
                     choice.text = "".join([delta async for delta in deltas])
         if error := lease.error():
             raise error
+        await self.finished(request, head, choices)
         return self.response(request, head, choices)
 
     async def stream(self, request: RequestT) -> AsyncIterator[bytes]:
@@ -243,7 +291,7 @@ class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
 
     async def _events(self, request: RequestT, params: GenerationParams, inputs: InputT) -> AsyncGenerator[bytes, None]:
         head = self._head(request)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        sequence = itertools.count()
         async with self.manager.reserve(request.model) as reservation:
             assert reservation.model is not None
             choices = await self._choices(reservation.model, request, params, inputs)
@@ -252,23 +300,29 @@ class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
                 # Waiting for the turn happens after the headers: a client that leaves while queued closes this
                 # generator, which takes it out of the queue. With n > 1 the choices come one after the other.
                 lease = await reservation.turn()
+                for event in self.open_events(request, head):
+                    yield self.frame(event, next(sequence))
                 for choice in choices:
                     for event in self.start_events(request, head, choice):
-                        yield sse(event)
+                        yield self.frame(event, next(sequence))
                     async with aclosing(self._generate(request.model, lease, choice)) as deltas:
                         async for delta in deltas:
                             for event in self.delta_events(request, head, choice, delta):
-                                yield sse(event)
+                                yield self.frame(event, next(sequence))
                             choice.text += delta
                     if error := lease.error():
                         raise error
                     for event in self.end_events(request, head, choice):
-                        yield sse(event)
-                if include_usage:
-                    yield sse(self.usage_event(request, head, usage_of(choices)))
+                        yield self.frame(event, next(sequence))
+                await self.finished(request, head, choices)
+                for event in self.close_events(request, head, choices):
+                    yield self.frame(event, next(sequence))
             except Exception as exc:
-                yield stream_error(request.model, exc)
-        yield DONE_EVENT
+                failure = stream_failure(request.model, exc)
+                for event in self.failure_events(request, head, choices, failure):
+                    yield self.frame(event, next(sequence))
+        if self.done_event:
+            yield self.done_event
 
     async def _generate(self, name: str, lease: Lease, choice: GeneratedChoice) -> AsyncGenerator[str, None]:
         """One choice's generation under the lease: it stops when the lease is stopped, records its time to
