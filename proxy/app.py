@@ -27,6 +27,9 @@ from proxy.limits import RequestLimits
 from proxy.manager import ModelFactory, ModelManager
 from proxy.metrics import Metrics, MetricsController
 from proxy.ray_serve import RayCluster
+from proxy.responses.routes import ResponsesController
+from proxy.responses.serving import ResponsesService
+from proxy.responses.store import ResponseStore
 from proxy.routes import HealthController, OpenAIController
 from proxy.security import AccessControl, SignInRequired, access_middleware, handle_sign_in_required
 from proxy.settings import Settings
@@ -49,6 +52,8 @@ class Services:
     limits: RequestLimits
     chat_service: ChatCompletionService
     completion_service: CompletionService
+    response_store: ResponseStore  # the Responses API's stored responses, opened on first use
+    responses_service: ResponsesService
     upstreams: UpstreamClients
     forwarder: Forwarder
     ray: RayCluster | None  # with --ray: the cluster loaded models are deployed on
@@ -85,6 +90,8 @@ class Services:
         metrics.watch(manager)
         limits = RequestLimits(settings.limits)
         upstreams = UpstreamClients(settings.cluster)
+        storage = settings.storage
+        store = ResponseStore(storage.database_dir(), storage.responses_max_age, storage.responses_max_count)
         return cls(
             settings=settings,
             registry=registry,
@@ -100,6 +107,8 @@ class Services:
             limits=limits,
             chat_service=ChatCompletionService(manager, limits, metrics),
             completion_service=CompletionService(manager, limits, metrics),
+            response_store=store,
+            responses_service=ResponsesService(manager, store, limits, metrics),
             upstreams=upstreams,
             forwarder=Forwarder(manager, upstreams, metrics),
             ray=ray,
@@ -162,11 +171,12 @@ def create_app(
                 idle_unloader.cancel()
             await manager.close()
             await services.upstreams.close()
+            services.response_store.close()
             if services.ray is not None:
                 await asyncio.to_thread(services.ray.stop)
 
     app = Litestar(
-        route_handlers=[OpenAIController, HealthController, AdminAPIController, MetricsController],
+        route_handlers=[OpenAIController, ResponsesController, HealthController, AdminAPIController, MetricsController],
         dependencies=services.dependencies(),
         guards=[services.access.guard],  # every route: closed unless its handler declares an Access level
         exception_handlers={

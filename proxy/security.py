@@ -203,6 +203,11 @@ class AccessControl:
     def admin_key_ok(self, key: str | None) -> bool:
         return self.admin_open or matches(key, self._admin_digests)
 
+    def owner_of(self, key: str | None) -> str:
+        """Who owns what a request stores (a stored response): the digest of the key it came with, or "" for
+        everyone on a server without API keys."""
+        return "" if self.api_open or not key else digest(key).hex()
+
     # --- admin sessions ------------------------------------------------------------------------------
 
     def start_session(self) -> str:

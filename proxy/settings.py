@@ -1,4 +1,4 @@
-"""Server settings: one frozen object in five groups, declared once.
+"""Server settings: one frozen object in seven groups, declared once.
 
 Each field carries its default and its help; ``proxy.cli`` derives a flag (``--max-queue``) and an environment
 variable (``CLEMPROXY_MAX_QUEUE``) from every field, so a default lives here and nowhere else. Nothing is read
@@ -207,6 +207,32 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    """What the server keeps on disk: the responses the Responses API stores (``store: true``)."""
+
+    data_dir: str = setting(
+        "",
+        "folder of the server's database of stored responses; ':memory:' keeps them in memory only, until the "
+        "server stops; default: the user's data directory (~/.local/share/clemproxy on Linux)",
+        metavar="PATH",
+    )
+    responses_max_age: float = setting(
+        30 * 24 * 3600.0,
+        "how long a stored response is kept (OpenAI keeps them 30 days); 0: no bound",
+        metavar="SECONDS",
+    )
+    responses_max_count: int = setting(10000, "most stored responses kept, the oldest going first; 0: no bound")
+
+    def database_dir(self) -> str:
+        """``data_dir``, or the user's data directory when it is not set (read now, not at import)."""
+        if self.data_dir:
+            return self.data_dir
+        import platformdirs
+
+        return platformdirs.user_data_dir("clemproxy", appauthor=False)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     models: LoadOptions = field(default_factory=LoadOptions)  # the backends' own options, declared there
@@ -214,6 +240,7 @@ class Settings:
     access: AccessSettings = field(default_factory=AccessSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
     GROUPS: ClassVar[dict[str, type]] = {
         "server": ServerSettings,
@@ -222,6 +249,7 @@ class Settings:
         "access": AccessSettings,
         "limits": LimitSettings,
         "cluster": ClusterSettings,
+        "storage": StorageSettings,
     }
 
     @classmethod
