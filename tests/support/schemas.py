@@ -38,12 +38,21 @@ class SchemaCheckingTransport(httpx.HTTPTransport):
                 "ListModelsResponse",
                 "Model",
                 "ErrorResponse",
+                "Response",
+                "ResponseStreamEvent",
+                "ResponseItemList",
             )
         }
 
-    def schema_for(self, path: str, status: int, streamed: bool) -> str | None:
+    def schema_for(self, method: str, path: str, status: int, streamed: bool) -> str | None:
         if status >= 400:
             return "ErrorResponse"
+        if "/responses" in path:
+            if path.endswith("/input_items"):
+                return "ResponseItemList"
+            if method == "DELETE":
+                return None  # the SDK reads no body, and the schemas have none for it
+            return "ResponseStreamEvent" if streamed else "Response"
         if path.endswith("/chat/completions"):
             return "CreateChatCompletionStreamResponse" if streamed else "CreateChatCompletionResponse"
         if path.endswith("/completions"):
@@ -57,18 +66,23 @@ class SchemaCheckingTransport(httpx.HTTPTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = super().handle_request(request)
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
-        name = self.schema_for(request.url.path, response.status_code, streamed)
+        name = self.schema_for(request.method, request.url.path, response.status_code, streamed)
         if name is None:
             return response
         validator, error_validator = self.validators[name], self.validators["ErrorResponse"]
         upstream, checked = response.stream, self.checked
 
         def check_event(text: str) -> None:
+            named = None  # the Responses API names each event; its data's type must say the same
             for line in text.splitlines():
-                if line.startswith("data: {"):
+                if line.startswith("event: "):
+                    named = line[7:]
+                elif line.startswith("data: {"):
                     event = json.loads(line[6:])
-                    kind = "ErrorResponse" if "error" in event else name
-                    (error_validator if "error" in event else validator).validate(event)
+                    is_error = isinstance(event.get("error"), dict)  # an error envelope, as chat streams end
+                    kind = "ErrorResponse" if is_error else name
+                    (error_validator if is_error else validator).validate(event)
+                    assert named is None or event["type"] == named, f"event {named!r} holds a {event['type']!r}"
                     checked[kind] += 1
                 else:
                     assert line in ("", "data: [DONE]"), f"unexpected SSE line {line!r}"
