@@ -62,7 +62,9 @@ def alive(pid: int) -> bool:
 def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("ray")
     registry = write_registry(root / "model_registry.json", [smol_entry(replicas=2, parallel=2)])
-    server = ServerProcess(registry, "--ray", "local", "--preload", SMOL, env={"RAY_USAGE_STATS_ENABLED": "0"})
+    server = ServerProcess(
+        registry, "--ray", "local", "--preload", SMOL, "--data-dir", ":memory:", env={"RAY_USAGE_STATS_ENABLED": "0"}
+    )
     started: set[int] = set()
     try:
         server.wait_serving(timeout=180)  # Ray starts, then both replicas load the model
@@ -134,6 +136,22 @@ def test_greedy_text_equals_the_single_process_servers(client: Any) -> None:
         f"{client.base_url}chat/completions", json={"model": SMOL, **ask, "max_tokens": 100_000}, timeout=60
     )
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_the_responses_api_runs_on_the_replicas(client: Any) -> None:
+    """The Responses API is the same path: the same greedy text as chat completions, streamed or whole, and a
+    continued conversation."""
+    ask = {"model": SMOL, "input": COUNTING[0]["content"], "temperature": 0, "max_output_tokens": 24}
+    whole = client.responses.create(**ask)
+    chat = client.chat.completions.create(model=SMOL, messages=COUNTING, max_tokens=24, temperature=0)
+    assert whole.output_text == chat.choices[0].message.content and whole.status == "incomplete"
+    events = list(client.responses.create(stream=True, **ask))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert events[-1].type == "response.incomplete"
+    later = client.responses.create(
+        model=SMOL, previous_response_id=whole.id, input="Go on.", temperature=0, max_output_tokens=8
+    )
+    assert later.usage.input_tokens > whole.usage.input_tokens + whole.usage.output_tokens
 
 
 def test_a_client_that_leaves_ends_its_generation(ray_server: ServerProcess) -> None:
