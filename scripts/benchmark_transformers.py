@@ -14,6 +14,10 @@ dequantised into a transformers checkpoint, as separate processes on this machin
   the machine hits all of them; medians are reported. Tokens are the streamed text re-tokenised.
 - interleaved dialogues, K = 2 and 4, each opening with about 1,400 tokens of game rules and taking turns: time
   to first token of the later turns over the first turn's, on clemproxy and on ``transformers serve``.
+- the Responses API (``/v1/responses``, streamed): one stream's tokens/s on clemproxy and ``transformers serve``;
+  and 2 interleaved dialogues of the same kind, on clemproxy continued by ``previous_response_id`` (only the new
+  turn is sent) or resent whole as input items, and on ``transformers serve`` resent whole (it keeps no
+  responses): the later turns' time to first token.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import benchmark_llamacpp  # noqa: E402
 from benchmark_llamacpp import dialogue_openings, take_turns  # noqa: E402
 
 from tests.support import free_port, smol_hf_entry, smollm2_safetensors_dir, write_registry  # noqa: E402
@@ -116,6 +121,58 @@ async def dialogues(server: Served, k: int, turns: int) -> tuple[list[float], li
         return await take_turns(ask, dialogue_openings(k, same_rules=False), turns)
 
 
+async def respond(client: Any, model: str, given: Any, tokens: int, **more: Any) -> tuple[float, str, str]:
+    """(time to first token, text, response id) of one greedy streamed response."""
+    started = time.perf_counter()
+    first, text, response_id = 0.0, "", ""
+    events = await client.responses.create(
+        model=model, input=given, max_output_tokens=tokens, temperature=0, stream=True, **more
+    )
+    async for event in events:
+        if event.type == "response.output_text.delta" and event.delta:
+            first = first or time.perf_counter() - started
+            text += event.delta
+        elif event.type in ("response.completed", "response.incomplete"):
+            response_id = event.response.id
+    return first, text, response_id
+
+
+async def responses_rate(server: Served, tokenizer: Any, tokens: int) -> float:
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=900) as client:
+        started = time.perf_counter()
+        _, text, _ = await respond(client, server.model, COUNTING[0]["content"], tokens)
+        elapsed = time.perf_counter() - started
+    return len(tokenizer(text, add_special_tokens=False).input_ids) / elapsed
+
+
+async def responses_dialogues(server: Served, k: int, turns: int, stored: bool) -> tuple[list[float], list[float]]:
+    """Dialogues taking turns on the Responses API: ``stored`` sends each turn with ``previous_response_id``,
+    otherwise the whole conversation is sent again as input items. Each call has rules of its own, so that no
+    call finds an earlier one's dialogues in the cache."""
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=900) as client:
+        run = f"responses-{'stored' if stored else 'resent'}-{server.label}"
+        rules = [benchmark_llamacpp.rules(f"{run}-{d}") for d in range(k)]
+        previous: list[str | None] = [None] * k
+        items: list[list[dict[str, str]]] = [[] for _ in range(k)]
+        first, later = [], []
+        for turn in range(turns):
+            for d in range(k):
+                say = f"Player {d}, turn {turn}: my word is apple. Yours?"
+                if stored:
+                    more = {"previous_response_id": previous[d]} if previous[d] else {}
+                    ttft, _, previous[d] = await respond(client, server.model, say, 16, instructions=rules[d], **more)
+                else:
+                    items[d].append({"role": "user", "content": say})
+                    ttft, text, _ = await respond(client, server.model, items[d], 16, instructions=rules[d])
+                    items[d].append({"role": "assistant", "content": text})
+                (first if turn == 0 else later).append(ttft)
+        return first, later
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -128,6 +185,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all servers; medians are reported")
     parser.add_argument("--turns", type=int, default=4, help="turns per dialogue")
     parser.add_argument("--skip-dialogues", action="store_true")
+    parser.add_argument("--skip-responses", action="store_true", help="leave out the Responses API's figures")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -139,7 +197,7 @@ def main() -> int:
     )
     print(f"machine: {CORES} cores; SmolLM2-135M-Instruct, float32 checkpoint {checkpoint.name}")
     print(f"greedy, streamed, {args.tokens} tokens; medians of {args.repeats} rounds")
-    clemproxy = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry)]
+    clemproxy = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry), "--data-dir", ":memory:"]
     quiet = {"CLEMPROXY_LOG_LEVEL": "warning"}
     command = str(Path(args.transformers_serve).absolute())
     tserve = [command, "serve", str(checkpoint), "--device", "cpu", "--dtype", "float32"]
@@ -179,6 +237,31 @@ def main() -> int:
                         f"{statistics.median(later):.2f} s = {statistics.median(later) / statistics.median(first):.2f}"
                         " x the first"
                     )
+        if not args.skip_responses:
+            measured = {label: [] for label in ("clemproxy float32", "transformers serve")}
+            for _ in range(args.repeats):
+                for server in (servers[0], servers[2]):
+                    measured[server.label].append(asyncio.run(responses_rate(server, tokenizer, args.tokens)))
+            ours, theirs = (statistics.median(measured[label]) for label in measured)
+            print(
+                f"Responses API, 1 stream: clemproxy float32 {ours:.1f} tokens/s, transformers serve "
+                f"{theirs:.1f} tokens/s = {ours / theirs:.2f} x"
+            )
+            later_turns = {}
+            for server, stored, label in (
+                (servers[0], True, "clemproxy, previous_response_id"),
+                (servers[0], False, "clemproxy, resent as items"),
+                (servers[2], False, "transformers serve, resent as items"),
+            ):
+                first, later = asyncio.run(responses_dialogues(server, 2, args.turns, stored))
+                later_turns[label] = statistics.median(later)
+                print(
+                    f"Responses API, 2 dialogues, {label}: first turn {statistics.median(first):.2f} s, later turns "
+                    f"{statistics.median(later):.2f} s = {statistics.median(later) / statistics.median(first):.2f}"
+                    " x the first"
+                )
+            ratio = later_turns["clemproxy, previous_response_id"] / later_turns["transformers serve, resent as items"]
+            print(f"Responses API, later turns: clemproxy (previous_response_id) {ratio:.2f} x transformers serve")
         stats = httpx.get(f"{servers[0].url}/admin/api/models/smol-hf", timeout=30).json()["loaded"]
         shown = {key: stats.get(key) for key in ("mean_batch", "prefix_cache_hit_rate")}
         print("clemproxy float32 engine:", json.dumps(shown))
