@@ -156,18 +156,22 @@ def constraint_of(request: ChatCompletionRequest) -> tuple[tuple[dict[str, Any],
     return constraint(functions, choice, parallel=parallel, schema=schema, schema_param=schema_param)
 
 
+def logprob_structs(entries: list[BackendTokenLogprob], token: Any, top: Any) -> list[Any]:
+    """Log probabilities as a wire type of either API (``token``, ``top``: the structs of a token and of one of
+    its alternatives, which both name ``token``, ``logprob``, ``bytes``)."""
+    return [
+        token(
+            token=entry.token,
+            logprob=entry.logprob,
+            bytes=list(entry.bytes),
+            top_logprobs=[top(token=t, logprob=lp, bytes=list(b)) for t, lp, b in entry.top],
+        )
+        for entry in entries
+    ]
+
+
 def wire_logprobs(entries: list[BackendTokenLogprob]) -> ChoiceLogprobs:
-    return ChoiceLogprobs(
-        content=[
-            TokenLogprob(
-                token=entry.token,
-                logprob=entry.logprob,
-                bytes=list(entry.bytes),
-                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(b)) for t, lp, b in entry.top],
-            )
-            for entry in entries
-        ]
-    )
+    return ChoiceLogprobs(content=logprob_structs(entries, TokenLogprob, TopLogprob))
 
 
 Messages = list[dict[str, Any]]

@@ -26,6 +26,7 @@ from msgspec import UNSET
 from backends import BackendError, GenerationParams, Model, PreparedPrompt
 from backends.model import TokenLogprob
 from backends.tools import CallArguments, CallStart, Content, Piece, ToolCallParser
+from proxy.chat import logprob_structs
 from proxy.constraints import Function, ToolChoice, constraint
 from proxy.errors import APIError
 from proxy.limits import NO_LIMITS, RequestLimits
@@ -329,15 +330,7 @@ def tool_settings(request: CreateResponse) -> tuple[list[Function], ToolChoice]:
 
 
 def wire_logprobs(entries: list[TokenLogprob]) -> list[LogProb]:
-    return [
-        LogProb(
-            token=entry.token,
-            logprob=entry.logprob,
-            bytes=list(entry.bytes),
-            top_logprobs=[TopLogProb(token=t, logprob=lp, bytes=list(b)) for t, lp, b in entry.top],
-        )
-        for entry in entries
-    ]
+    return logprob_structs(entries, LogProb, TopLogProb)
 
 
 @dataclass
