@@ -27,10 +27,12 @@ from tests.support import (
     LLAMACPP_VARIANTS,
     RunningServer,
     SchemaCheckingTransport,
+    StreamInThread,
     Variants,
     free_port,
     smol_entry,
     smol_hf_entry,
+    wait_until,
     write_registry,
 )
 
@@ -513,7 +515,11 @@ def test_a_stream_cut_short_ends_with_response_failed(tmp_path: Path, openai_sch
         client = sdk(server, openai_schemas, "unused")
         events = []
         stream = client.responses.create(
-            model="smol", input="Count from 1 to 100, separated by commas.", max_output_tokens=300, stream=True
+            model="smol",
+            input="Count from 1 to 100, separated by commas.",
+            temperature=0,  # greedy, it counts on past the unload
+            max_output_tokens=300,
+            stream=True,
         )
         for event in stream:
             events.append(event)
@@ -531,3 +537,23 @@ def test_a_stream_cut_short_ends_with_response_failed(tmp_path: Path, openai_sch
             client.responses.create(model="remote", input=QUESTION)
         assert raised.value.body["param"] == "model"  # type: ignore[index]
         assert client.responses.create(model="smol", input=QUESTION, max_output_tokens=4).output_text  # loads again
+
+
+def test_a_stream_that_times_out_in_the_queue_is_created_then_failed(
+    tmp_path: Path, openai_schemas: dict[str, Any]
+) -> None:
+    """Past --request-timeout while it waits for its turn, after its headers: created, in_progress, failed."""
+    registry = ModelRegistry.from_files(
+        [write_registry(tmp_path / "model_registry.json", [smol_entry("smol", parallel=1)])]
+    )
+    settings = Settings(manager=ManagerSettings(request_timeout=1.5), storage=StorageSettings(data_dir=":memory:"))
+    with RunningServer(registry, settings) as server:
+        client = sdk(server, openai_schemas, "unused")
+        client.responses.create(model="smol", input=QUESTION, max_output_tokens=2)  # loaded
+        busy = StreamInThread(server.base_url, "busy", model="smol", max_tokens=2000)
+        wait_until(lambda: server.services.manager.slot("smol").queue.admitted == 1, "the slot is busy")
+        events = list(client.responses.create(model="smol", input=QUESTION, max_output_tokens=8, stream=True))
+        busy.join()
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    assert [e.sequence_number for e in events] == [0, 1, 2]
+    assert "--request-timeout" in events[-1].response.error.message and events[-1].response.output == []

@@ -629,9 +629,11 @@ class ResponsesService(OpenAIServing[ResponseCall, Messages, Response]):
     def failure_events(
         self, call: ResponseCall, head: ResponseHead, choices: list[GeneratedChoice], error: APIError
     ) -> list[Any]:
+        # A stream that broke while it waited for its turn has sent nothing yet: clients expect it created first.
+        opened = self.open_events(call, head) if call.output is None else []
         failed = self._snapshot(call, head, "failed")
         failed.error = ResponseError(code="server_error", message=error.message)
-        return [ResponseEvent("response.failed", failed)]
+        return [*opened, ResponseEvent("response.failed", failed)]
 
     def frame(self, event: Any, sequence: int) -> bytes:
         event.sequence_number = sequence
