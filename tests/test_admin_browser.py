@@ -13,7 +13,7 @@ import pytest
 from backends import ModelRegistry
 from backends.registry import bundled_registry_path
 from proxy.settings import Settings
-from tests.support import SMOL, RunningServer, smol_entry, write_registry
+from tests.support import SMOL, RunningServer, smol_entry, wait_until, write_registry
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts" / "admin"
@@ -206,9 +206,14 @@ def test_charts_appear_after_a_few_requests(browser: Any, tmp_path: Path) -> Non
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
         for _ in range(4):
             client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
-        series = httpx.get(f"{server.base_url}/admin/api/models/{SMOL}").json()["series"]
-        assert len(series) >= 2 and any(p["tokens_per_second"] > 0 for p in series)
-        assert any(p["ttft_ms"] for p in series) and all(p["queued"] == 0 for p in series)
+
+        def series() -> list[dict[str, Any]]:
+            return list(httpx.get(f"{server.base_url}/admin/api/models/{SMOL}").json()["series"])
+
+        # The requests can all end within one interval; the sampler's next point then holds them.
+        wait_until(lambda: len(series()) >= 2 and any(p["tokens_per_second"] > 0 for p in series()), "two points")
+        points = series()
+        assert any(p["ttft_ms"] for p in points) and all(p["queued"] == 0 for p in points)
 
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"{server.base_url}/admin")
