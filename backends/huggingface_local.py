@@ -23,8 +23,10 @@ import logging
 import threading
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends.convert_cache import ORIGIN, ConvertCache, Use, convert_gguf
 from backends.errors import ModelLoadError
 from backends.grammar import GrammarCompiler
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt, token_logprob
@@ -192,6 +194,7 @@ class HuggingfaceLocalModel(Model):
         # A fast tokenizer is one Rust object; prompts are tokenised while another request's output is decoded.
         self._tokenizer_lock = threading.Lock()
         self._engine: TransformersEngine | None = None  # None for a model the engine cannot batch
+        self._conversion: Use | None = None  # the cached conversion of a GGUF this model was loaded from
         self._info: dict[str, Any] = {}
 
     @property
@@ -209,6 +212,11 @@ class HuggingfaceLocalModel(Model):
         source = find_model_source(self.spec, progress=self.progress)
         cuda = torch.cuda.is_available()
         placement = choose_placement(self.spec, cuda, cuda and torch.cuda.is_bf16_supported())
+        gguf_path = source.directory / source.gguf_file if source.gguf_file else None
+        if gguf_path is not None and (root := self.options.convert_cache_root()) is not None:
+            source = self._converted(
+                source, gguf_path, placement.dtype, ConvertCache(root, self.options.convert_cache_max)
+            )
         where = f"{source.directory / source.gguf_file}" if source.gguf_file else str(source.directory)
         logger.info("%s: loading %s (%s, %s)", self.name, where, placement.device, placement.dtype)
         gguf = " from GGUF" if source.gguf_file else ""
@@ -232,10 +240,11 @@ class HuggingfaceLocalModel(Model):
                 return model, tune_small_batch_linears(model)
 
             model, kernels = on_a_thread_that_ends(load_weights)
-        except ModelLoadError:
+        except BaseException as exc:
+            self._release_conversion()
+            if isinstance(exc, (OSError, ValueError, RuntimeError, ImportError, KeyError, TypeError)):
+                raise ModelLoadError(f"transformers could not load {where}: {type(exc).__name__}: {exc}") from exc
             raise
-        except (OSError, ValueError, RuntimeError, ImportError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"transformers could not load {where}: {type(exc).__name__}: {exc}") from exc
         model.eval()
         warnings = [*placement.warnings, *warnings]
         for warning in warnings:
@@ -275,6 +284,7 @@ class HuggingfaceLocalModel(Model):
         self._info = {
             "source": where,
             "weights_from": source.origin,
+            "converted_from": str(gguf_path) if self._conversion is not None else None,
             "device": self._device_summary(model),
             "dtype": str(model.dtype).removeprefix("torch."),
             "gpu_available": cuda,
@@ -351,10 +361,32 @@ class HuggingfaceLocalModel(Model):
         engine = self._engine
         return {**self._info, **(engine.describe() if engine is not None else {})}
 
+    def _converted(self, source: ModelSource, gguf: Path, dtype: str, cache: ConvertCache) -> ModelSource:
+        """The GGUF's converted checkpoint in the cache, converted now if this is its first load (or waited for,
+        when another process converts it); held until the model unloads."""
+        from backends.huggingface_engine import on_a_thread_that_ends
+
+        def convert(target: Path) -> None:
+            self.progress.enter("dequantising the GGUF weights (once: later loads read the converted copy)")
+            on_a_thread_that_ends(lambda: convert_gguf(gguf, dtype, target))
+
+        self.progress.enter("finding the converted copy of the GGUF")
+        try:
+            self._conversion = cache.use(gguf, dtype, convert)
+        except (OSError, ValueError, RuntimeError, ImportError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"transformers could not convert {gguf}: {type(exc).__name__}: {exc}") from exc
+        return ModelSource(self._conversion.path, None, f"{ORIGIN} ({source.origin})")
+
+    def _release_conversion(self) -> None:
+        conversion, self._conversion = self._conversion, None
+        if conversion is not None:
+            conversion.release()
+
     def unload(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.close()
+        self._release_conversion()
         model, self._model = self._model, None
         self._tokenizer = None
         self._grammar = None

@@ -13,6 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from backends.cleaning import OutputCleaner
@@ -45,9 +46,37 @@ class LoadOptions:
     threads: int = field(
         default=0, metadata={"help": "CPU threads llama.cpp decodes with; 0: every core of this machine"}
     )
+    convert_cache: str = field(
+        default="",
+        metadata={
+            "help": "folder where transformers models read from a GGUF file (gguf_file) keep their converted "
+            "weights, so that later loads skip the conversion; default: the user's cache directory "
+            "(~/.cache/clemproxy/converted); 'none': convert on every load",
+            "metavar": "PATH",
+        },
+    )
+    convert_cache_max: int = field(
+        default=0,
+        metadata={
+            "help": "size bound of the conversion cache, like 20G: the least recently used conversions that no "
+            "loaded model uses are removed; 0: no bound",
+            "metavar": "SIZE",
+            "memory": True,
+        },
+    )
 
     def llama_threads(self) -> int:
         return self.threads if self.threads > 0 else os.cpu_count() or 1
+
+    def convert_cache_root(self) -> Path | None:
+        """Where converted GGUF checkpoints go; None when they are not kept. Unset, the folder comes from
+        ``CLEMPROXY_CONVERT_CACHE`` (as the flag's variable) else the user's cache directory, read now."""
+        from backends.convert_cache import DISABLED, default_root
+
+        chosen = self.convert_cache or os.environ.get("CLEMPROXY_CONVERT_CACHE", "")
+        if chosen.strip().lower() == DISABLED:
+            return None
+        return Path(chosen).expanduser() if chosen else default_root()
 
 
 @dataclass(frozen=True)
