@@ -29,10 +29,11 @@ from admin.rendering import (
     render_editor,
     render_row,
 )
-from admin.views import page_context, summary_context
+from admin.views import conversions_context, page_context, summary_context
 from backends import BackendError, ModelRegistry, RegistryFileError
+from backends.convert_cache import ConvertCache
 from backends.registry_file import RegistryEditError, RegistryFile, entry_name
-from proxy.admin_api import NO_FILE, apply_edit, freshen, split_action
+from proxy.admin_api import NO_FILE, apply_edit, clear_conversion, freshen, split_action
 from proxy.errors import APIError
 from proxy.manager import ManagerError, ModelManager
 from proxy.security import LOGIN_PATH, SESSION_COOKIE, SESSION_SECONDS, Access, AccessControl, auth_of, requires
@@ -88,16 +89,39 @@ class AdminController(Controller):
         access: NamedDependency[AccessControl],
         upstreams: NamedDependency[UpstreamClients],
         registry_file: NamedDependency[RegistryFile | None],
+        convert_cache: NamedDependency[ConvertCache | None],
         q: FromQuery[str] = "",
     ) -> Response[str]:
         await freshen(registry, manager, upstreams)
         context = page_context(registry, manager, upstreams, q.strip())
+        conversions = await asyncio.to_thread(conversions_context, convert_cache)
         token, cookies = csrf_token(request, access)
         signed_in = auth_of(request) == "session"
         page = ENVIRONMENT.get_template(TEMPLATE).render(
-            **context, **editing(registry_file), csrf_token=token, signed_in=signed_in
+            **context, **editing(registry_file), conversions=conversions, csrf_token=token, signed_in=signed_in
         )
         return html(page, cookies=cookies)
+
+    @post("/convert-cache/{key:str}/clear", status_code=200)
+    async def clear_conversion(
+        self,
+        request: Request[Any, Any, Any],
+        access: NamedDependency[AccessControl],
+        convert_cache: NamedDependency[ConvertCache | None],
+        key: FromPath[str],
+    ) -> Response[str] | Redirect:
+        """A Clear button of the conversions' section: that section again with htmx, else the page."""
+        error = None
+        try:
+            await asyncio.to_thread(clear_conversion, convert_cache, key)
+        except APIError as exc:
+            error = exc.message
+        if not request.headers.get("hx-request"):
+            return Redirect(path="/admin/", status_code=303)
+        conversions = await asyncio.to_thread(conversions_context, convert_cache, error)
+        token, cookies = csrf_token(request, access)
+        section = render_block(ENVIRONMENT, TEMPLATE, "conversions", conversions=conversions, csrf_token=token)
+        return html(section, cookies=cookies)
 
     @get("/summary")
     async def summary(

@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 from backends import BACKENDS, ModelRegistry
+from backends.convert_cache import ConvertCache
 from backends.weights import local_copy
-from proxy.admin_api import entry_view, process_rss_bytes
+from proxy.admin_api import convert_cache_view, entry_view, process_rss_bytes
 from proxy.manager import ModelManager
 from proxy.upstream import UpstreamClients, remote_view
 
@@ -219,3 +220,21 @@ def summary_context(registry: ModelRegistry, manager: ModelManager) -> dict[str,
         "gpu": gpu,
         "gpu_text": ", ".join(gpu["names"]) or ("GPU offload available" if gpu["present"] else "no GPU"),
     }
+
+
+def conversions_context(cache: ConvertCache | None, error: str | None = None) -> dict[str, Any]:
+    """The conversion cache in words, for its section of the page (blocking: it reads the cache's folder)."""
+    view = convert_cache_view(cache)
+    now = time.time()
+    for entry in view["entries"]:
+        entry.update(
+            gguf_name=entry["gguf"].rsplit("/", 1)[-1],
+            size_text=human_bytes(entry["size_bytes"]),
+            last_used_text=human_age(entry["last_used"], now),
+        )
+    view.update(
+        size_text=human_bytes(view["size_bytes"]) if view["size_bytes"] else "empty",
+        max_text=human_bytes(view["max_bytes"]) if view["max_bytes"] else "",
+        error=error,
+    )
+    return view

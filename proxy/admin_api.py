@@ -4,6 +4,7 @@
 answers once the model is loaded (or has failed, with the error in the OpenAI envelope); an unload once the
 model's running requests have finished or been cancelled. ``/admin/api/registry`` edits the first registry
 file the server was given (``backends.registry_file``), and the server serves the edited entries at once.
+``/admin/api/convert-cache`` lists the GGUF checkpoints converted for transformers and clears one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from backends import ModelRegistry, RegistryEntry, RegistryFileError
+from backends.convert_cache import ConversionInUse, ConvertCache
 from backends.placement import PLACEMENT_KEYS, requested_gpu_layers
 from backends.registry_file import RegistryEditError, RegistryFile
 from proxy.errors import APIError
@@ -156,6 +158,19 @@ class AdminAPIController(Controller):
             slot = await manager.unload(name)
         return entry_view(registry, entry, slot, remote)
 
+    # --- converted GGUF checkpoints -------------------------------------------------------------------
+
+    @get("/convert-cache")
+    async def get_convert_cache(self, convert_cache: NamedDependency[ConvertCache | None]) -> dict[str, Any]:
+        return await asyncio.to_thread(convert_cache_view, convert_cache)
+
+    @delete("/convert-cache/{key:str}", status_code=200)
+    async def delete_conversion(
+        self, convert_cache: NamedDependency[ConvertCache | None], key: FromPath[str]
+    ) -> dict[str, Any]:
+        await asyncio.to_thread(clear_conversion, convert_cache, key)
+        return await asyncio.to_thread(convert_cache_view, convert_cache)
+
     # --- editing the registry ------------------------------------------------------------------------
 
     @get("/registry")
@@ -205,6 +220,46 @@ class AdminAPIController(Controller):
 
 
 NO_FILE = "this server was not started on a registry file (--registry PATH), so there is no file to edit"
+
+
+def convert_cache_view(cache: ConvertCache | None) -> dict[str, Any]:
+    """The conversion cache: where it is, its bound, what it holds (blocking: it reads the folder)."""
+    if cache is None:
+        return {"enabled": False, "root": None, "max_bytes": 0, "size_bytes": 0, "entries": []}
+    entries = [
+        {
+            "key": c.key,
+            "gguf": c.gguf,
+            "dtype": c.dtype,
+            "transformers": c.transformers,
+            "size_bytes": c.size_bytes,
+            "last_used": c.last_used,
+            "in_use": c.in_use,
+        }
+        for c in cache.entries()
+    ]
+    return {
+        "enabled": True,
+        "root": str(cache.root),
+        "max_bytes": cache.max_bytes,
+        "size_bytes": sum(e["size_bytes"] for e in entries),
+        "entries": entries,
+    }
+
+
+def clear_conversion(cache: ConvertCache | None, key: str) -> None:
+    """Remove one cached conversion: 404 for none, 409 for one a loaded model (of any process) uses."""
+    try:
+        cleared = cache is not None and cache.clear(key)
+    except ConversionInUse:
+        raise APIError(
+            409,
+            f"The conversion {key} is used by a loaded model (of this server or another sharing the cache); "
+            "unload it first",
+            code="conversion_in_use",
+        ) from None
+    if not cleared:
+        raise APIError(404, f"No cached conversion {key}", code="conversion_not_found")
 
 
 def split_action(action: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from litestar.di import Provide
 from litestar.plugins import InitPluginProtocol
 
 from backends import ModelRegistry, create_model
+from backends.convert_cache import ConvertCache
 from backends.registry_file import RegistryFile
 from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
@@ -58,6 +59,7 @@ class Services:
     forwarder: Forwarder
     ray: RayCluster | None  # with --ray: the cluster loaded models are deployed on
     registry_file: RegistryFile | None  # where registry edits go: the first registry file the server was given
+    convert_cache: ConvertCache | None  # GGUF checkpoints converted for transformers; None: --convert-cache none
     started_at: float
 
     @classmethod
@@ -113,6 +115,9 @@ class Services:
             forwarder=Forwarder(manager, upstreams, metrics),
             ray=ray,
             registry_file=RegistryFile(registry.sources[0]) if registry.sources else None,
+            convert_cache=ConvertCache(root, settings.models.convert_cache_max)
+            if (root := settings.models.convert_cache_root()) is not None
+            else None,
             started_at=time.time(),
         )
 
