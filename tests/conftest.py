@@ -9,6 +9,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from tests.support.models import CONVERT_CACHE
+
+# Every server of the session, in this process or a child, converts GGUF files into the tests' cache.
+os.environ["CLEMPROXY_CONVERT_CACHE"] = str(CONVERT_CACHE)
+
 import json
 from collections.abc import Iterator
 from pathlib import Path

@@ -8,6 +8,7 @@ from tests.support.fakes import FakeModel, FakeModels
 from tests.support.models import (
     CHATML_VIA_SPECIAL_TOKENS,
     COLORS,
+    CONVERT_CACHE,
     COUNTING,
     GREEDY,
     HF_VARIANTS,
@@ -46,6 +47,7 @@ from tests.support.servers import (
 __all__ = [
     "CHATML_VIA_SPECIAL_TOKENS",
     "COLORS",
+    "CONVERT_CACHE",
     "COUNTING",
     "GREEDY",
     "HF_VARIANTS",

