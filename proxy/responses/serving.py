@@ -148,13 +148,25 @@ def part_texts(parts: str | list[ContentPart], param: str, allowed: tuple[str, .
     return "".join(texts)
 
 
-def output_message(text: str, item_id: str | None = None, status: str = "completed") -> ItemDict:
+def output_message(text: str, item_id: str | None = None) -> ItemDict:
+    """An assistant message of the input, as ``input_items`` lists it (OpenAI's output message)."""
     return {
         "id": item_id or new_id("msg"),
         "type": "message",
         "role": "assistant",
-        "status": status,
+        "status": "completed",
         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def input_message(role: str, text: str, item_id: str | None = None) -> ItemDict:
+    """A user, system or developer message of the input, as ``input_items`` lists it."""
+    return {
+        "id": item_id or new_id("msg"),
+        "type": "message",
+        "role": role,
+        "status": "completed",
+        "content": [{"type": "input_text", "text": text}],
     }
 
 
@@ -168,15 +180,7 @@ def input_items(given: str | list[InputItem] | None) -> list[ItemDict]:
             code="missing_required_parameter",
         )
     if isinstance(given, str):
-        return [
-            {
-                "id": new_id("msg"),
-                "type": "message",
-                "role": "user",
-                "status": "completed",
-                "content": [{"type": "input_text", "text": given}],
-            }
-        ]
+        return [input_message("user", given)]
     items = []
     for index, item in enumerate(given):
         where = f"input[{index}]"
@@ -190,15 +194,7 @@ def input_items(given: str | list[InputItem] | None) -> list[ItemDict]:
                 items.append(output_message(text, item.id))
             else:
                 text = part_texts(item.content, f"{where}.content", ("input_text",))
-                items.append(
-                    {
-                        "id": item.id or new_id("msg"),
-                        "type": "message",
-                        "role": item.role,
-                        "status": "completed",
-                        "content": [{"type": "input_text", "text": text}],
-                    }
-                )
+                items.append(input_message(item.role, text, item.id))
         elif item.type == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if getattr(item, key) is None:
