@@ -25,6 +25,8 @@ from proxy.settings import AccessSettings, ManagerSettings, Settings, StorageSet
 from tests.support import (
     HF_VARIANTS,
     LLAMACPP_VARIANTS,
+    TIME_TOOL,
+    WEATHER_TOOL,
     RunningServer,
     SchemaCheckingTransport,
     StreamInThread,
@@ -39,27 +41,8 @@ from tests.support import (
 KEY, OTHER_KEY = "key-of-alice", "key-of-bob"
 QUESTION = "Name three colors."
 
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The current weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-}
-TIME: dict[str, Any] = {
-    "type": "function",
-    "name": "get_time",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "maxLength": 10}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
+# The chat tools in the Responses API's flat shape: {"type": "function", "name": ..., "parameters": ...}.
+WEATHER, TIME = ({"type": "function", **tool["function"]} for tool in (WEATHER_TOOL, TIME_TOOL))
 TOOLS = [WEATHER, TIME]
 PARAMETERS = {tool["name"]: tool["parameters"] for tool in TOOLS}
 PERSON: dict[str, Any] = {

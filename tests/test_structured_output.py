@@ -14,7 +14,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.support import RunningServer, Variants
+from tests.support import TIME_TOOL, WEATHER_TOOL, RunningServer, Variants
 
 PERSON_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -37,34 +37,6 @@ PERSON_SCHEMA: dict[str, Any] = {
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
 PERSON_PROMPT = [{"role": "user", "content": "Describe a person who plays a word game, as JSON."}]
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "maxLength": 10}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
 TOOL_PROMPT = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 BAD_PARAMETERS = {"type": "object", "properties": {"a": {"type": "string", "format": "nope"}}}

@@ -60,6 +60,35 @@ def smol_entry(name: str = SMOL, **overrides: Any) -> dict[str, Any]:
 
 COLORS = [{"role": "user", "content": "Name three colors."}]
 GREEDY = GenerationParams(max_tokens=40, temperature=0)
+# Two function tools in chat completions' shape, for the tool-calling tests of both APIs.
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 10}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 def generate(model: Any, params: GenerationParams = GREEDY, messages: Any = COLORS) -> tuple[str, GenerationOutcome]:
