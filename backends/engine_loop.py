@@ -37,6 +37,7 @@ class SlotEngine(ABC):
         self._inbox: queue.SimpleQueue[EngineRequest | None] = queue.SimpleQueue()
         self._pending: deque[EngineRequest] = deque()
         self._stopping = False
+        self._threads_wanted: int | None = None  # CPU threads to decode with from the next step on
         self._thread = threading.Thread(target=self._run, name=f"{self.library}-engine-{name}", daemon=True)
 
     def start(self) -> None:
@@ -53,6 +54,10 @@ class SlotEngine(ABC):
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def set_threads(self, threads: int) -> None:
+        """Decode with this many CPU threads from the next step on (applied by the engine thread)."""
+        self._threads_wanted = threads
 
     def stop(self) -> None:
         """End every request (with an error event) and stop the thread."""
@@ -90,6 +95,9 @@ class SlotEngine(ABC):
                     self._take_inbox(block=not self._active() and not self._pending)
                     self._drop_cancelled()
                     self._assign_pending()
+                    if self._threads_wanted is not None:
+                        threads, self._threads_wanted = self._threads_wanted, None
+                        self._apply_threads(threads)
                     if self._active():
                         self._step()
             reason = GenerationError(UNLOADED)
@@ -169,6 +177,9 @@ class SlotEngine(ABC):
             self._finish(slot, "stop")
         elif slot.generated >= request.max_tokens:
             self._finish(slot, "length")
+
+    def _apply_threads(self, threads: int) -> None:
+        """Use this many CPU threads from now on (on the engine thread, between steps)."""
 
     @abstractmethod
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:

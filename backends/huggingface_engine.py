@@ -248,12 +248,16 @@ class TransformersEngine(SlotEngine):
             "kv_cache_tokens": self.cache.capacity * len(self.slots),
             "kv_cache_bytes": self.cache.nbytes,
             "prefill_chunk": PREFILL_CHUNK,
+            "threads": torch.get_num_threads(),
         }
 
     # --- the engine thread ---------------------------------------------------------------------------
 
     def _context(self) -> contextlib.AbstractContextManager[Any]:
         return torch.inference_mode()
+
+    def _apply_threads(self, threads: int) -> None:
+        torch.set_num_threads(threads)
 
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:
         prompt = list(request.prompt)

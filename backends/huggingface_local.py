@@ -208,6 +208,8 @@ class HuggingfaceLocalModel(Model):
         from backends.cpu_linear import tune_small_batch_linears
         from backends.huggingface_engine import TransformersEngine, batching_unsupported, on_a_thread_that_ends
 
+        if self.options.threads > 0:  # this model's share of the server's threads (it runs in a worker process)
+            torch.set_num_threads(self.options.threads)
         self.progress.enter("finding weights")
         source = find_model_source(self.spec, progress=self.progress)
         cuda = torch.cuda.is_available()
@@ -381,6 +383,17 @@ class HuggingfaceLocalModel(Model):
         conversion, self._conversion = self._conversion, None
         if conversion is not None:
             conversion.release()
+
+    def healthy(self) -> bool:
+        return self._engine is None or self._engine.alive
+
+    def set_threads(self, threads: int) -> None:
+        import torch
+
+        if self._engine is not None:
+            self._engine.set_threads(threads)  # torch's pool is per thread: the engine thread sets its own
+        else:
+            torch.set_num_threads(threads)  # threads started from now on take it
 
     def unload(self) -> None:
         engine, self._engine = self._engine, None

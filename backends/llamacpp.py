@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import re
 import threading
 from collections.abc import Generator
 from typing import Any
@@ -32,6 +33,10 @@ LLAMA_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: l
 # for; each request is held to its context window, so llama.cpp's warning about it says nothing here.
 HARMLESS = ("possible training context overflow",)
 _log_callback: Any = None  # referenced, so that ctypes does not free it while llama.cpp holds it
+# llama.cpp's lines naming the buffers a model's weights went to ("AMX model buffer size = 95.00 MiB"), so
+# that a load can say where its weights are; each load trims it to the last few.
+BUFFER_LINES: list[str] = []
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size\s*=\s*([\d.]+ \w+)")
 
 
 def route_llama_log() -> None:
@@ -55,11 +60,31 @@ def route_llama_log() -> None:
         if pending[-1].endswith("\n"):
             line = "".join(pending).rstrip()
             pending.clear()
+            if "model buffer size" in line:
+                BUFFER_LINES.append(line)
             if not any(phrase in line for phrase in HARMLESS):
                 llama_logger.log(last_level[0], "%s", line)
 
     _log_callback = callback
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def build_has_amx() -> bool:
+    """Whether this llama.cpp build carries ggml's AMX kernels (a native build on a CPU with AMX does)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    return bool(re.search(r"AMX_INT8 = 1", info))
+
+
+def weight_buffers(lines: list[str]) -> dict[str, str]:
+    """``{"CPU_Mapped": "100.00 MiB", "AMX": "95.00 MiB"}`` from llama.cpp's lines of one load."""
+    found: dict[str, str] = {}
+    for line in lines:
+        match = _BUFFER_LINE.search(line)
+        if match:
+            found[match.group(1)] = match.group(2)
+    return found
 
 
 class LlamaCppModel(Model):
@@ -103,11 +128,26 @@ class LlamaCppModel(Model):
             logger.warning("%s: %s", self.name, warnings[-1])
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers  # all of them, as Llama() does
-        logger.info("%s: loading %s (n_gpu_layers=%d)", self.name, files.main, n_gpu_layers)
+        repack, repack_reason = self._repack_weights()
+        params.use_extra_bufts = repack  # off: the weights stay in the plain CPU buffer, as llama-server --no-repack
+        logger.info(
+            "%s: loading %s (n_gpu_layers=%d, weight repacking %s: %s)",
+            self.name,
+            files.main,
+            n_gpu_layers,
+            "on" if repack else "off",
+            repack_reason,
+        )
+        del BUFFER_LINES[:-16]
+        lines_before = len(BUFFER_LINES)
         try:
             model = LlamaModel(path_model=str(files.main), params=params, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {files.main}: {exc}") from exc
+        buffers = weight_buffers(BUFFER_LINES[lines_before:])
+        logger.info(
+            "%s: weights in %s", self.name, ", ".join(f"{k} ({v})" for k, v in buffers.items()) or "unknown buffers"
+        )
         self.progress.enter("starting the engine")
         n_ctx_train = model.n_ctx_train()
         self.context_size = self.context_window(n_ctx_train)
@@ -150,6 +190,9 @@ class LlamaCppModel(Model):
             "layers_total": n_layers + 1 if n_layers else None,
             "layers_on_gpu": layers_on_gpu(n_gpu_layers, n_layers + 1) if gpu and n_layers else 0,
             "device": "gpu" if gpu and n_gpu_layers != 0 else "cpu",
+            "weight_buffers": buffers,  # llama.cpp's buffer types holding the weights, and their sizes
+            "repack_weights": repack,
+            "repack_weights_why": repack_reason,
             "model_bytes": model.size(),
             "parameters": model.n_params(),
             "warnings": warnings,
@@ -164,6 +207,17 @@ class LlamaCppModel(Model):
             engine.threads,
         )
 
+    def _repack_weights(self) -> tuple[bool, str]:
+        """Whether llama.cpp may repack the weights into its extra buffer types (AMX, CPU_REPACK), and why."""
+        if "repack_weights" in self.spec:
+            return bool(self.spec["repack_weights"]), "the entry's repack_weights"
+        chosen = self.options.repack_weights
+        if chosen in ("on", "off"):
+            return chosen == "on", f"--repack-weights {chosen}"
+        if build_has_amx():
+            return False, "this llama.cpp has AMX kernels, which crash on prompt batches (ggml-org/llama.cpp#20824)"
+        return True, "default"
+
     @staticmethod
     def _token_text(model: Any, metadata: dict[str, str], which: str) -> str | None:
         token_id = metadata.get(f"tokenizer.ggml.{which}_token_id")
@@ -174,6 +228,13 @@ class LlamaCppModel(Model):
     def load_info(self) -> dict[str, Any]:
         engine = self._engine
         return {**self._info, **(engine.describe() if engine is not None else {})}
+
+    def healthy(self) -> bool:
+        return self._engine is None or self._engine.alive
+
+    def set_threads(self, threads: int) -> None:
+        if self._engine is not None:
+            self._engine.set_threads(threads)
 
     def unload(self) -> None:
         engine, self._engine = self._engine, None

@@ -98,6 +98,10 @@ class LlamaCppEngine(SlotEngine):
 
     # --- the engine thread ---------------------------------------------------------------------------
 
+    def _apply_threads(self, threads: int) -> None:
+        self._llama.llama_set_n_threads(self._ctx, threads, threads)
+        self.threads = threads
+
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:
         llama_cpp = self._llama
         prompt = list(request.prompt)

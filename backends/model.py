@@ -44,7 +44,20 @@ class LoadOptions:
         },
     )
     threads: int = field(
-        default=0, metadata={"help": "CPU threads llama.cpp decodes with; 0: every core of this machine"}
+        default=0,
+        metadata={
+            "help": "CPU threads for every local model together: the models generating share them (an entry's "
+            "threads takes its own), torch's and llama.cpp's pools alike; 0: every core of this machine"
+        },
+    )
+    repack_weights: str = field(
+        default="auto",
+        metadata={
+            "help": "llama.cpp's repacked weight buffers (AMX, CPU_REPACK), for entries without repack_weights: "
+            "'auto' uses them except on a CPU with AMX, whose kernels crash this llama.cpp on prompt batches "
+            "(ggml-org/llama.cpp#20824); 'on' or 'off' always",
+            "choices": ("auto", "on", "off"),
+        },
     )
     convert_cache: str = field(
         default="",
@@ -208,6 +221,8 @@ class Model(ABC):
         self._grammar: GrammarCompiler | None = None  # for this load; an unload sets it to None
         self._grammar_lock = threading.Lock()
         self.progress = LoadProgress()  # of its load, for the admin page; cancelling it stops the load
+        # Called, from any thread, when the loaded model breaks for good (its worker process died), with why.
+        self.on_failure: Callable[[str], None] | None = None
 
     @property
     def name(self) -> str:
@@ -235,6 +250,13 @@ class Model(ABC):
     ) -> Generator[str, None, None]:
         """Raw text pieces, one per generated token or so, stopping at end of sequence,
         ``prompt.max_tokens`` or ``cancel``; updates ``outcome`` as it goes."""
+
+    def healthy(self) -> bool:
+        """False once the loaded model can serve no more (its engine thread died)."""
+        return True
+
+    def set_threads(self, threads: int) -> None:
+        """Decode with this many CPU threads from the next step on (the server's thread budget moved)."""
 
     def context_window(self, trained: int | None) -> int:
         """The context size to enforce: the entry's ``context_size`` (the operator's call), else the server

@@ -107,6 +107,8 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "concurrency": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "parallel": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64, "an integer from 1 to 64"),
     "kv_cache_size": (_is_context_size, 'a positive integer or a size like "16k"'),
+    "threads": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "repack_weights": (_is_bool, "true or false"),
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), '"float32", "bfloat16" or "float16"'),
     "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
