@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.support import COUNTING, SMOL, free_port, smollm2_gguf  # noqa: E402
+from backends.llamacpp import build_has_amx  # noqa: E402
+from tests.support import COUNTING, SMOL, free_port, in_process_llama, smollm2_gguf  # noqa: E402
 
 CORES = os.cpu_count() or 1
 
@@ -195,7 +196,9 @@ def llama_cpp_batched_decode(concurrent: int, threads: int, steps: int = 30) -> 
     import llama_cpp
     from llama_cpp._internals import LlamaModel
 
-    model = LlamaModel(path_model=str(smollm2_gguf()), params=llama_cpp.llama_model_default_params(), verbose=False)
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = not build_has_amx()  # AMX's repacked weights crash on prompt batches (see README)
+    model = LlamaModel(path_model=str(smollm2_gguf()), params=params, verbose=False)
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 4096 * 4, 512, 512, 8
     params.kv_unified, params.n_threads, params.n_threads_batch = True, threads, threads
@@ -231,10 +234,8 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=4, help="turns per dialogue")
     parser.add_argument("--skip-dialogues", action="store_true")
     args = parser.parse_args()
-    from llama_cpp import Llama
-
     print(f"machine: {CORES} cores; demo model {smollm2_gguf().name}; greedy, streamed, {args.tokens} tokens")
-    llm = Llama(model_path=str(smollm2_gguf()), n_ctx=4096, n_threads=CORES, n_threads_batch=CORES, verbose=False)
+    llm = in_process_llama(n_ctx=4096, n_threads=CORES, n_threads_batch=CORES)
     thread_counts = [int(t) for t in args.threads.split(",")]
     for threads in thread_counts:
         ceiling: dict[int, list[float]] = {1: [], 4: [], 8: []}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,7 @@ import pytest
 from backends import ContextLengthExceededError, GenerationParams, ModelLoadError, ModelRegistry
 from backends.credentials import huggingface_token
 from backends.errors import CredentialsError
-from backends.llamacpp import LlamaCppModel
+from backends.llamacpp import LlamaCppModel, build_has_amx
 from backends.placement import requested_gpu_layers
 from backends.prompting import ensure_single_bos
 from backends.weights import find_weight_files
@@ -210,3 +214,63 @@ def test_gated_entry_needs_a_token_only_for_the_hub(monkeypatch: pytest.MonkeyPa
         hub.load()
     with loaded(smol_entry("gated-but-shipped", requires_api_key=True)) as packaged:
         assert packaged.is_loaded
+
+
+# Run in a child process: a crash there fails the test instead of ending the test session.
+PROMPT_BATCH = """
+import json, sys, threading
+from backends import GenerationParams, LoadOptions, ModelSpec, create_model
+from backends.model import GenerationOutcome
+from tests.support import smol_entry
+entry = smol_entry(**json.loads(sys.argv[1]))
+model = create_model(ModelSpec.from_dict(entry), LoadOptions())
+model.load()
+params = GenerationParams(max_tokens=12, temperature=0)
+story = "Tell me a long story about a cat who lives in a lighthouse by the sea, " * 4  # a prompt batch of ~80 tokens
+prompt = model.prepare([{"role": "user", "content": story}], params)
+text = "".join(model.generate(prompt, params, threading.Event(), GenerationOutcome()))
+info = model.load_info()
+print(json.dumps({"text": text, "prompt_tokens": len(prompt.token_ids), **{k: info[k] for k in
+    ("weight_buffers", "repack_weights", "repack_weights_why")}}))
+"""
+
+
+def run_prompt_batch(**entry: Any) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", PROMPT_BATCH, json.dumps(entry)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+
+
+def test_a_prompt_batch_decodes_on_this_cpu_with_the_default_weight_buffers() -> None:
+    """A llama.cpp built natively on an AMX-capable Xeon crashes on the first prompt batch when the weights are
+    repacked into its AMX buffer (ggml-org/llama.cpp#20824); by default they stay in the plain CPU buffer there.
+    On a CPU without AMX this passes with the repacked buffers, as before."""
+    done = run_prompt_batch()
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["text"] and result["prompt_tokens"] > 64
+    if build_has_amx():
+        assert result["repack_weights"] is False and "AMX" in result["repack_weights_why"]
+        assert "AMX" not in result["weight_buffers"], result["weight_buffers"]
+    else:
+        assert result["repack_weights"] is True
+    assert any(name.startswith("CPU") for name in result["weight_buffers"]), result["weight_buffers"]
+
+
+def test_the_entry_can_turn_repacking_off_and_on() -> None:
+    off = run_prompt_batch(repack_weights=False)
+    assert off.returncode == 0, off.stderr[-2000:]
+    result = json.loads(off.stdout.strip().splitlines()[-1])
+    assert result["repack_weights"] is False and result["repack_weights_why"] == "the entry's repack_weights"
+    assert set(result["weight_buffers"]) <= {"CPU", "CPU_Mapped"}
+    with loaded(smol_entry(repack_weights=True)) as model:  # loading alone survives AMX; a prompt batch would not
+        info = model.load_info()
+        assert info["repack_weights"] is True
+        if build_has_amx():
+            assert "AMX" in info["weight_buffers"]

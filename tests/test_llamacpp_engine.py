@@ -22,8 +22,8 @@ from tests.support import (
     SMOL,
     RunningServer,
     StreamInThread,
+    in_process_llama,
     smol_entry,
-    smollm2_gguf,
     wait_until,
     write_registry,
 )
@@ -173,8 +173,6 @@ def test_a_cancelled_stream_frees_its_slot_and_the_next_request_is_right(engine_
 def test_a_prompt_longer_than_a_batch_is_decoded_in_chunks(engine_server: RunningServer) -> None:
     """Chunk by chunk, then the answer: the greedy text llama-cpp-python gives in-process for the same tokens
     (what a user would otherwise run), but for a near tie; and the same again from the cache."""
-    from llama_cpp import Llama
-
     client = sdk(engine_server)
     messages = [{"role": "system", "content": RULES}, {"role": "user", "content": "Which rule is number 7?"}]
     kwargs: dict[str, Any] = {"temperature": 0, "max_tokens": 24, "logprobs": True, "top_logprobs": 2}
@@ -182,7 +180,7 @@ def test_a_prompt_longer_than_a_batch_is_decoded_in_chunks(engine_server: Runnin
     assert answer.usage.prompt_tokens > 2 * info(engine_server, SOLO)["n_batch"]
     model: Any = engine_server.services.manager.loaded(SOLO)
     prompt = model.prepare(messages, GenerationParams(max_tokens=24, temperature=0))
-    reference = Llama(model_path=str(smollm2_gguf()), n_ctx=4096, verbose=False)
+    reference = in_process_llama(n_ctx=4096)
     tokens: list[int] = []
     for token in reference.generate(prompt.token_ids, temp=0, top_k=0, min_p=0.0, repeat_penalty=1.0):
         if token == reference.token_eos() or len(tokens) == 24:

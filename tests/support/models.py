@@ -30,6 +30,31 @@ TEST_CACHE = Path(os.environ.get("CLEMPROXY_TEST_CACHE") or Path.home() / ".cach
 CONVERT_CACHE = TEST_CACHE / "converted"  # CLEMPROXY_CONVERT_CACHE of the test session (tests/conftest.py)
 
 
+def in_process_llama(**kwargs: Any) -> Any:
+    """llama-cpp-python's own ``Llama`` on the demo GGUF, what a user would otherwise run, with the weight
+    buffers clemproxy picks: where the build has AMX kernels the weights stay in the plain CPU buffer, or the
+    first prompt batch crashes the process (ggml-org/llama.cpp#20824). ``Llama`` takes no parameter for it, so
+    its default model parameters are amended while it loads."""
+    import llama_cpp
+    import llama_cpp.llama as high_level
+
+    from backends.llamacpp import build_has_amx
+
+    default_params = high_level.llama_cpp.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    if build_has_amx():
+        high_level.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(smollm2_gguf()), verbose=False, **kwargs)
+    finally:
+        high_level.llama_cpp.llama_model_default_params = default_params
+
+
 def smollm2_safetensors_dir() -> Path:
     """SmolLM2 dequantised from the shipped GGUF into a standard transformers checkpoint (safetensors, tokenizer,
     chat template): the layout most real users serve. Made by the server's own conversion cache, in
