@@ -11,8 +11,9 @@ import re
 import time
 from typing import Any
 
-from backends import BACKENDS, ModelRegistry
+from backends import ModelRegistry
 from backends.convert_cache import ConvertCache
+from backends.hosts.process import gpus_in_a_process
 from backends.weights import local_copy
 from proxy.admin_api import convert_cache_view, entry_view, process_rss_bytes
 from proxy.manager import ModelManager
@@ -21,17 +22,9 @@ from proxy.upstream import UpstreamClients, remote_view
 
 @functools.lru_cache(maxsize=1)
 def gpu_summary() -> dict[str, Any]:
-    """Which backend can use a GPU here, as each backend class tells; asked once (importing torch takes a
-    moment). A backend whose library is missing has no GPU."""
-    backends: dict[str, bool] = {}
-    names: list[str] = []
-    for backend, kind in BACKENDS.items():
-        try:
-            backends[backend] = kind.gpu_available()
-            names += [name for name in kind.gpu_names() if name not in names]
-        except ImportError:
-            backends[backend] = False
-    return {"backends": backends, "names": names, "present": any(backends.values())}
+    """Which backend can use a GPU here; asked once, in a process of its own (``backends.hosts.process``), so
+    that the server never imports torch or llama.cpp itself."""
+    return gpus_in_a_process()
 
 
 def row_id(name: str) -> str:

@@ -6,6 +6,8 @@ model library: each backend imports its own (torch, llama_cpp) when it loads or 
 
 from __future__ import annotations
 
+from typing import Any
+
 from backends.huggingface_local import HuggingfaceLocalModel
 from backends.llamacpp import LlamaCppModel
 from backends.model import Model
@@ -16,3 +18,17 @@ BACKENDS: dict[str, type[Model]] = {
     HuggingfaceLocalModel.backend_name: HuggingfaceLocalModel,
     OpenAICompatibleModel.backend_name: OpenAICompatibleModel,
 }
+
+
+def gpu_summary() -> dict[str, Any]:
+    """Which backend can use a GPU here, as each backend class tells (imports torch and llama.cpp). A backend
+    whose library is missing has no GPU."""
+    backends: dict[str, bool] = {}
+    names: list[str] = []
+    for backend, kind in BACKENDS.items():
+        try:
+            backends[backend] = kind.gpu_available()
+            names += [name for name in kind.gpu_names() if name not in names]
+        except ImportError:
+            backends[backend] = False
+    return {"backends": backends, "names": names, "present": any(backends.values())}

@@ -180,6 +180,7 @@ class SlotEngine(ABC):
 
     def _apply_threads(self, threads: int) -> None:
         """Use this many CPU threads from now on (on the engine thread, between steps)."""
+        del threads  # an engine whose library has no thread count to set
 
     @abstractmethod
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:

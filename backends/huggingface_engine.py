@@ -223,6 +223,7 @@ class TransformersEngine(SlotEngine):
         token_bytes: Callable[[int], bytes],
     ) -> None:
         super().__init__(name, slots)
+        self.threads = torch.get_num_threads()  # what the load left; the thread budget may change it (set_threads)
         self._model = model
         self._eos_ids = eos_ids
         self._cache_argument = cache_argument
@@ -248,7 +249,7 @@ class TransformersEngine(SlotEngine):
             "kv_cache_tokens": self.cache.capacity * len(self.slots),
             "kv_cache_bytes": self.cache.nbytes,
             "prefill_chunk": PREFILL_CHUNK,
-            "threads": torch.get_num_threads(),
+            "threads": self.threads,
         }
 
     # --- the engine thread ---------------------------------------------------------------------------
@@ -258,6 +259,7 @@ class TransformersEngine(SlotEngine):
 
     def _apply_threads(self, threads: int) -> None:
         torch.set_num_threads(threads)
+        self.threads = threads
 
     def _assign(self, request: EngineRequest, idle: list[Slot]) -> None:
         prompt = list(request.prompt)

@@ -257,6 +257,7 @@ class Model(ABC):
 
     def set_threads(self, threads: int) -> None:
         """Decode with this many CPU threads from the next step on (the server's thread budget moved)."""
+        del threads  # a backend without CPU threads of its own has nothing to set
 
     def context_window(self, trained: int | None) -> int:
         """The context size to enforce: the entry's ``context_size`` (the operator's call), else the server

@@ -18,6 +18,7 @@ from litestar.plugins import InitPluginProtocol
 
 from backends import ModelRegistry, create_model
 from backends.convert_cache import ConvertCache
+from backends.hosts.process import WorkerProcesses
 from backends.registry_file import RegistryFile
 from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
@@ -81,10 +82,16 @@ class Services:
                 )
         metrics = Metrics()
         ray = RayCluster(settings.cluster.ray, settings.cluster.ray_deploy_timeout) if settings.cluster.ray else None
+        workers = (
+            WorkerProcesses(settings.models.threads, settings.manager.unload_timeout)
+            if settings.manager.worker_processes and ray is None
+            else None
+        )
+        default_factory = ray.model if ray is not None else workers.model if workers is not None else create_model
         manager = ModelManager(
             registry,
             settings.models,
-            model_factory or (ray.model if ray is not None else create_model),
+            model_factory or default_factory,
             settings.manager,
             metrics=metrics,
             concurrency=ray.concurrency_of if ray is not None else None,

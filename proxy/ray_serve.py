@@ -12,6 +12,7 @@ Ray is optional (``pip install 'clemproxy[ray]'``) and imported only here, only 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import logging
@@ -19,13 +20,11 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Generator, Iterator, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from backends import (
-    BackendError,
     GenerationOutcome,
     GenerationParams,
     LoadOptions,
@@ -36,6 +35,7 @@ from backends import (
 )
 from backends import create_model as create_local_model
 from backends.errors import GenerationError
+from backends.hosts.worker import ModelWorker, RemoteGeneration, prepared_from, prompt_fields
 from backends.model import PreparedPrompt
 from backends.placement import requested_gpu_layers
 from proxy.manager.errors import ManagerError, ModelBusyError
@@ -53,25 +53,6 @@ class ReplicaUnavailableError(ManagerError):
     """The replica serving a request died or could not be reached; Serve starts a new one."""
 
     code = "replica_unavailable"
-
-
-class RemoteBackendError(BackendError):
-    """An error a replica's backend raised, with the status, type and code it had there."""
-
-    def __init__(self, fields: Mapping[str, Any]) -> None:
-        super().__init__(str(fields["message"]), param=fields.get("param"), code=fields.get("code"))
-        self.status = int(fields.get("status", 500))
-        self.error_type = str(fields.get("type", "server_error"))
-
-
-def error_fields(exc: BackendError) -> dict[str, Any]:
-    return {
-        "message": exc.message,
-        "status": exc.status,
-        "type": exc.error_type,
-        "code": exc.code,
-        "param": exc.param,
-    }
 
 
 def replicas_of(spec: Mapping[str, Any]) -> int:
@@ -104,90 +85,45 @@ def import_serve() -> Any:
 
 
 class ModelReplica:
-    """One replica of one registry entry: the backend's own model, loaded in this Ray worker process."""
+    """One replica of one registry entry: the worker code (``backends.hosts.worker``) in a Ray worker process,
+    the other host of it beside the local worker process."""
 
     def __init__(self, entry: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         ray, serve = import_ray(), import_serve()
-        self.model = create_local_model(ModelSpec.from_dict(entry), LoadOptions(**options))
-        self.model.load()
+        model = create_local_model(ModelSpec.from_dict(entry), LoadOptions(**options))
+        model.load()
+        self.worker = ModelWorker(model)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "replica": self.replica_id,
-            "node": self.node_id,
-            "pid": os.getpid(),
-            "context_size": self.model.context_size,
-            "load_info": self.model.load_info(),
-        }
+        return {"replica": self.replica_id, "node": self.node_id, "pid": os.getpid(), **self.worker.describe()}
 
     def prepare(self, messages: Sequence[Mapping[str, Any]] | None, text: str | None, params: GenerationParams) -> Any:
-        """The prompt's text, tokens and room, or the backend's error (a context overflow, a bad template)."""
-        try:
-            if messages is not None:
-                prepared = self.model.prepare(messages, params)
-            else:
-                prepared = self.model.prepare_text(str(text), params)
-        except BackendError as exc:
-            return {"error": error_fields(exc)}
-        return {"text": prepared.text, "token_ids": prepared.token_ids, "max_tokens": prepared.max_tokens}
+        return self.worker.prepare(messages, text, params)
 
     async def generate(
         self, prompt: Mapping[str, Any], params: GenerationParams
     ) -> AsyncGenerator[dict[str, Any], None]:
-        """First who serves it, then the cleaned text in chunks of up to ``CHUNK_TOKENS`` deltas, with their log
-        probabilities, then the outcome. Serve cancels this when the caller goes away, which stops the model."""
-        from proxy.generation import generate_text  # the same worker-thread generation as in one process
-
+        """First who serves it, then the worker's chunks of raw pieces, up to ``CHUNK_TOKENS`` each. Serve cancels
+        this when the caller goes away, which stops the model."""
         yield {"replica": self.replica_id, "node": self.node_id}
-        outcome = GenerationOutcome()
-        pending: list[str] = []
-        sent_logprobs = 0
-        flushed = time.monotonic()
-
-        def chunk() -> dict[str, Any]:
-            nonlocal sent_logprobs, flushed
-            fresh = outcome.logprobs[sent_logprobs:]
-            sent_logprobs += len(fresh)
-            flushed = time.monotonic()
-            text = "".join(pending)
-            pending.clear()
-            return {"text": text, "logprobs": fresh, "completion_tokens": outcome.completion_tokens}
-
+        cancel = threading.Event()
+        chunks = self.worker.chunks(prompt, params, cancel, most=CHUNK_TOKENS, linger=CHUNK_SECONDS)
         try:
-            constraint = None
-            if params.grammar is not None:
-                constraint = self.model.grammar_compiler().compile(params.grammar)
-            prepared = PreparedPrompt(
-                text=prompt["text"],
-                token_ids=tuple(prompt["token_ids"]),
-                max_tokens=int(prompt["max_tokens"]),
-                constraint=constraint,
-            )
-            async with aclosing(generate_text(self.model, prepared, params, outcome)) as deltas:
-                first = True
-                async for delta in deltas:
-                    pending.append(delta)
-                    if first or len(pending) >= CHUNK_TOKENS or time.monotonic() - flushed >= CHUNK_SECONDS:
-                        yield chunk()
-                    first = False
-            if pending or outcome.logprobs[sent_logprobs:]:
-                yield chunk()
-        except BackendError as exc:
-            yield {"error": error_fields(exc)}
-            return
-        yield {"outcome": outcome}
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield chunk
+        finally:
+            cancel.set()
 
     def __del__(self) -> None:  # Serve's way to end a replica; it may call this more than once
-        model = getattr(self, "model", None)
-        if model is not None and model.is_loaded:
-            model.unload()
+        worker = getattr(self, "worker", None)
+        if worker is not None and worker.model.is_loaded:
+            worker.model.unload()
 
 
 async def refresh_replicas(models: Sequence[Model]) -> None:
     """Before a view of the models: every deployed model's replicas as Serve knows them now, asked on threads."""
-    import asyncio
 
     deployed = [model for model in models if isinstance(model, RayServeModel) and model.is_loaded]
     await asyncio.gather(*(asyncio.to_thread(model.refresh_replicas) for model in deployed))
@@ -447,29 +383,24 @@ class RayServeModel(Model):
                 retry_after=5,
             ) from None
 
-    def _prepared(self, answer: Mapping[str, Any]) -> PreparedPrompt:
-        if "error" in answer:
-            raise RemoteBackendError(answer["error"])
-        return PreparedPrompt(
-            text=answer["text"], token_ids=tuple(answer["token_ids"]), max_tokens=answer["max_tokens"]
-        )
-
     def prepare(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams) -> PreparedPrompt:
         messages = [dict(m) for m in messages]
-        return self._prepared(self._remote(lambda: self.handle.prepare.remote(messages, None, params).result()))
+        return prepared_from(self._remote(lambda: self.handle.prepare.remote(messages, None, params).result()))
 
     def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:
-        return self._prepared(self._remote(lambda: self.handle.prepare.remote(None, text, params).result()))
+        return prepared_from(self._remote(lambda: self.handle.prepare.remote(None, text, params).result()))
 
-    def generate(
+    def generate_tokens(
         self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome
-    ) -> Iterator[str]:
-        """The replica's cleaned text; cancelling stops the replica's generation within a chunk."""
+    ) -> Generator[str, None, None]:
+        """The replica's raw pieces (cleaned by ``Model.generate`` here); cancelling stops the replica's
+        generation within a chunk."""
         from ray.serve.exceptions import RequestCancelledError
 
-        fields = {"text": prompt.text, "token_ids": prompt.token_ids, "max_tokens": prompt.max_tokens}
-        outcome.prompt_tokens = len(prompt.token_ids)
-        stream = self._remote(lambda: self.handle.options(stream=True).generate.remote(fields, params))
+        outcome.finish_reason = "length"
+        if prompt.max_tokens <= 0:
+            return
+        stream = self._remote(lambda: self.handle.options(stream=True).generate.remote(prompt_fields(prompt), params))
         finished = threading.Event()
 
         def cancel_when_asked() -> None:
@@ -480,9 +411,10 @@ class RayServeModel(Model):
 
         threading.Thread(target=cancel_when_asked, name=f"ray-cancel-{self.name}", daemon=True).start()
         replica: str | None = None
+        remote = RemoteGeneration(outcome)
         chunks = iter(stream)
         try:
-            while True:
+            while not remote.ended:
                 try:
                     chunk = self._remote(lambda: next(chunks))
                 except StopIteration:
@@ -493,23 +425,12 @@ class RayServeModel(Model):
                     replica = chunk["replica"]
                     with self._counts_lock:
                         self.counts[replica].in_flight += 1
-                elif "text" in chunk:
-                    outcome.logprobs.extend(chunk["logprobs"])
-                    outcome.completion_tokens = chunk["completion_tokens"]
-                    if chunk["text"]:
-                        yield chunk["text"]
-                elif "outcome" in chunk:
-                    done: GenerationOutcome = chunk["outcome"]
-                    outcome.completion_tokens = done.completion_tokens
-                    outcome.finish_reason = done.finish_reason
-                    outcome.cached_tokens = done.cached_tokens
-                elif "error" in chunk:
-                    raise RemoteBackendError(chunk["error"])
+                    continue
+                yield from remote.pieces(chunk)
                 if cancel.is_set():
                     return
         finally:
             finished.set()
-            self.tokens_generated += outcome.completion_tokens
             if replica is not None:
                 with self._counts_lock:
                     self.counts[replica].in_flight -= 1
@@ -518,7 +439,3 @@ class RayServeModel(Model):
     def tokenize_prompt(self, text: str) -> list[int]:
         raise GenerationError(f"{self.name} is tokenised by its replicas")
 
-    def generate_tokens(
-        self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome
-    ) -> Generator[str, None, None]:
-        raise GenerationError(f"{self.name} is generated by its replicas")

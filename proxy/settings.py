@@ -95,6 +95,11 @@ class ManagerSettings:
     """Which models sit in memory, and how requests queue for them."""
 
     autoload: bool = setting(True, "load a model on its first request; otherwise an unloaded model answers 503")
+    worker_processes: bool = setting(
+        True,
+        "run each loaded local model in a worker process of its own, so that a crash in one ends that model, "
+        "not the server; --no-worker-processes: in the server's process",
+    )
     preload: tuple[str, ...] = setting((), "load this model at startup, repeatable", metavar="NAME")
     max_queue: int = setting(16, "requests that may wait per model beyond the running ones; more get 503")
     idle_unload: float = setting(

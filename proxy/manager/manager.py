@@ -34,6 +34,10 @@ from proxy.settings import ManagerSettings
 
 logger = logging.getLogger(__name__)
 
+# A model whose worker dies this often within the window stays failed until someone loads it on purpose.
+CRASH_LIMIT = 3
+CRASH_WINDOW_S = 300.0
+
 # Keys a request reads from its model's entry, rather than a load: an edit of only these applies at once.
 REQUEST_KEYS = frozenset({"temperature", "top_p", "eos_to_cull", "output_split_prefix"})
 
@@ -233,7 +237,7 @@ class ModelManager:
             if slot.queue.waiting[0] is ticket:
                 if slot.is_loaded and slot.queue.can_start(ticket):
                     return
-                if slot.state == ModelState.FAILED and slot.failures != failures_seen:
+                if slot.state == ModelState.FAILED and (slot.failures != failures_seen or slot.crash_looping):
                     raise ModelLoadError(slot.error or "The model failed to load")
                 if slot.state in (ModelState.UNLOADED, ModelState.FAILED):  # unloaded while this one waited
                     if not self.settings.autoload and not slot.remote:
@@ -274,7 +278,14 @@ class ModelManager:
         return slot
 
     async def _load(self, slot: ModelSlot, override: dict[str, Any] | None) -> None:
+        """``override`` None: a load on behalf of requests, refused while the model crash-loops; a dict: a load
+        asked for (the admin page, the API), which gives a crash-looping model another chance."""
         async with slot.transition:
+            if override is None and slot.crash_looping:
+                raise ModelLoadError(slot.error or f"The model '{slot.name}' keeps crashing")
+            if override is not None:
+                slot.crash_looping = False
+                slot.crashes.clear()
             if slot.state == ModelState.LOADED:
                 if override is not None and override != slot.override:
                     raise PlacementConflictError(
@@ -302,6 +313,12 @@ class ModelManager:
                 raise
             finally:
                 slot.loading = None
+            loop = asyncio.get_running_loop()
+
+            def failed(why: str) -> None:  # from the worker's reader thread
+                loop.call_soon_threadsafe(self._model_failed, slot, model, why)
+
+            model.on_failure = failed
             async with slot.changed:
                 slot.model = model
                 slot.override = dict(override or {})
@@ -315,6 +332,36 @@ class ModelManager:
                 self.metrics.load_seconds.labels(slot.name).observe(slot.load_seconds)
         await self.residency.notify()  # a load waiting for room may now evict this one once it is idle
         await self.residency.evict_over_budget(keep=slot)
+
+    def _model_failed(self, slot: ModelSlot, model: Model, why: str) -> None:
+        """A loaded model broke for good (its worker process died): its requests have had their error already;
+        the slot is failed with why, and the next request loads the model afresh, unless it keeps crashing."""
+        if slot.model is not model:
+            return  # unloaded or replaced meanwhile
+        now = time.time()
+        slot.crashes.append(now)
+        while slot.crashes and now - slot.crashes[0] > CRASH_WINDOW_S:
+            slot.crashes.popleft()
+        slot.crash_looping = len(slot.crashes) >= CRASH_LIMIT
+        if slot.crash_looping:
+            why += (
+                f" — it crashed {len(slot.crashes)} times within {CRASH_WINDOW_S / 60:g} minutes, so it stays failed "
+                "until it is loaded again from the admin page or POST /admin/api/models/{name}/load"
+            ).replace("{name}", slot.name)
+        logger.error("%s: %s", slot.name, why)
+        if self.metrics is not None:
+            self.metrics.load_failures.labels(slot.name).inc()
+        slot.model = None
+        slot.state = ModelState.FAILED
+        slot.error, slot.error_at = why, now
+        slot.override = {}
+        slot.loaded_at = slot.load_seconds = None
+        self._announce(slot)
+
+        async def reap() -> None:
+            await asyncio.to_thread(model.unload)  # the process is gone; this collects what is left of it
+
+        self._spawn(reap())
 
     async def unload(self, name: str, timeout: float | None = None) -> ModelSlot:
         """Unload a model once its running requests finish (stopped after ``timeout``); a failed model is reset,

@@ -68,6 +68,8 @@ class ModelSlot:
         self.error: str | None = None
         self.error_at: float | None = None
         self.failures = 0  # failed loads so far; a request waiting on a load fails with it, later ones retry
+        self.crashes: deque[float] = deque()  # when its loaded model died lately (its worker process)
+        self.crash_looping = False  # died too often lately: no request loads it again, only a load asked for
         self.loaded_at: float | None = None
         self.load_seconds: float | None = None
         self.last_used: float | None = None
@@ -97,9 +99,12 @@ class ModelSlot:
 
     @property
     def memory_bytes(self) -> int:
-        """What the loaded model holds: weights, and the KV cache of an engine that keeps one."""
+        """What the loaded model holds: weights, and the KV cache of an engine that keeps one; for a model in a
+        worker process, what that process really holds when it is more (its resident memory)."""
         info = self.model.load_info() if self.model is not None else {}
-        return int(info.get("model_bytes") or 0) + int(info.get("kv_cache_bytes") or 0)
+        estimate = int(info.get("model_bytes") or 0) + int(info.get("kv_cache_bytes") or 0)
+        resident = (info.get("worker") or {}).get("resident_bytes") or 0
+        return max(estimate, int(resident))
 
     async def set_state(self, state: ModelState) -> None:
         async with self.changed:
@@ -117,6 +122,7 @@ class ModelSlot:
             "state": self.state.value,
             "error": self.error,
             "error_at": self.error_at,
+            "crash_looping": self.crash_looping,
             "loaded_at": self.loaded_at,
             "load_seconds": self.load_seconds,
             "last_used": self.last_used,
@@ -129,6 +135,7 @@ class ModelSlot:
             "entry_changed": self.entry_changed,
             "series": list(self.stats.points) if self.is_loaded else [],
             "loaded": self.model.load_info() if self.is_loaded and self.model is not None else None,
+            "loading_pid": getattr(self.loading, "pid", None),  # while loading in a worker process: which
             "stage": progress.get("stage"),  # while loading: what the load is doing
             "download": progress.get("download"),  # while it downloads: bytes done and total, speed, time left
         }

@@ -173,7 +173,9 @@ class StreamInThread:
         model: str = SMOL,
         max_tokens: int = 40,
         messages: list[dict[str, str]] | None = None,
+        **extra: Any,
     ) -> None:
+        """``extra``: more fields of the request's body (``response_format``, ...)."""
         self.label = label
         self.status = 0
         self.lines: list[str] = []
@@ -183,6 +185,7 @@ class StreamInThread:
             "temperature": 0,
             "max_tokens": max_tokens,
             "stream": True,
+            **extra,
         }
         self.url = f"{base_url}/v1/chat/completions"
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -191,7 +194,9 @@ class StreamInThread:
     def _run(self) -> None:
         with httpx.stream("POST", self.url, json=self.body, timeout=120) as response:
             self.status = response.status_code
-            self.lines = [line for line in response.iter_lines() if line]
+            for line in response.iter_lines():  # as they come: a test may look at a stream mid-way
+                if line:
+                    self.lines.append(line)
         StreamInThread.finished.append(self.label)
 
     def join(self) -> StreamInThread:
