@@ -109,6 +109,8 @@ def decorate(view: dict[str, Any], spec: Any, now: float) -> dict[str, Any]:
         gpu_possible=gpu_backend(view["backend"], gpu),
         busy_state=view["state"] in ("loading", "unloading"),
         download_text=download_text(view.get("download")),
+        worker_text=worker_text((view.get("loaded") or {}).get("worker")),
+        buffers_text=buffers_text(view.get("loaded")),
         charts=charts(view.get("series") or []),
         **engine_texts(view.get("loaded")),
     )
@@ -167,6 +169,29 @@ def download_text(download: dict[str, Any] | None) -> str:
     if download.get("seconds_left") is not None:
         parts.append(f"{download['seconds_left']:.0f} s left")
     return " · ".join(parts)
+
+
+def worker_text(worker: dict[str, Any] | None) -> str:
+    """A loaded model's worker process: its PID, resident memory, uptime and CPU threads."""
+    if not worker:
+        return ""
+    parts = [f"worker pid {worker['pid']}", f"{human_bytes(worker.get('resident_bytes'))} resident"]
+    uptime = worker.get("uptime_s")
+    if uptime is not None:
+        parts.append(f"up {uptime / 60:.0f} min" if uptime >= 120 else f"up {uptime:.0f} s")
+    if worker.get("threads"):
+        parts.append(f"{worker['threads']} threads")
+    return " · ".join(parts)
+
+
+def buffers_text(loaded: dict[str, Any] | None) -> str:
+    """Where llama.cpp put the weights (CPU_Mapped, CPU_REPACK, AMX...), and whether it repacked them."""
+    buffers = (loaded or {}).get("weight_buffers")
+    if not buffers:
+        return ""
+    where = ", ".join(f"{name} {size}" for name, size in buffers.items())
+    repack = "repacked" if loaded and loaded.get("repack_weights") else "not repacked"
+    return f"weights: {where} ({repack})"
 
 
 def engine_texts(loaded: dict[str, Any] | None) -> dict[str, str]:

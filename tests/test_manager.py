@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import socket
 from collections.abc import Iterator
@@ -336,9 +337,10 @@ def rss_of(base_url: str) -> int:
     return int(httpx.get(f"{base_url}/admin/api/models", timeout=30).json()["process"]["rss_bytes"])
 
 
-def test_memory_is_returned_after_unload(tmp_path: Path, smol_checkpoint: Path) -> None:
+def test_memory_is_returned_after_unload_in_the_servers_own_process(tmp_path: Path, smol_checkpoint: Path) -> None:
+    """With --no-worker-processes the weights are in the server's process, and an unload gives them back."""
     registry = write_registry(tmp_path / "model_registry.json", entries(smol_checkpoint))
-    with ServerProcess(registry) as process:
+    with ServerProcess(registry, "--no-worker-processes") as process:
         base_url = process.base_url
         before = rss_of(base_url)
         loaded = httpx.post(f"{base_url}/admin/api/models/smol-hf/load", timeout=120).json()
@@ -352,3 +354,30 @@ def test_memory_is_returned_after_unload(tmp_path: Path, smol_checkpoint: Path) 
         print(f"RSS before load {before >> 20} MiB, loaded {with_model >> 20} MiB, after unload {after >> 20} MiB")
         assert with_model - before > model_bytes * 0.8  # the weights were in memory ...
         assert with_model - after > model_bytes * 0.8  # ... and left it
+
+
+def test_a_workers_memory_goes_with_it_and_the_server_stays_small(tmp_path: Path, smol_checkpoint: Path) -> None:
+    """By default the weights are in the model's worker process: its resident memory holds them, the server's
+    does not grow, and an unload ends the process."""
+    registry = write_registry(tmp_path / "model_registry.json", entries(smol_checkpoint))
+    with ServerProcess(registry) as process:
+        base_url = process.base_url
+        before = rss_of(base_url)
+        loaded = httpx.post(f"{base_url}/admin/api/models/smol-hf/load", timeout=120).json()
+        model_bytes = loaded["loaded"]["model_bytes"]
+        body = {"model": "smol-hf", "messages": COUNTING, "max_tokens": 2}
+        assert httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        models = httpx.get(f"{base_url}/admin/api/models", timeout=30).json()["models"]
+        worker = next(m for m in models if m["name"] == "smol-hf")["loaded"]["worker"]
+        with_model = rss_of(base_url)
+        httpx.post(f"{base_url}/admin/api/models/smol-hf/unload", timeout=120)
+        after = rss_of(base_url)
+        print(
+            f"server RSS {before >> 20} / {with_model >> 20} / {after >> 20} MiB; "
+            f"worker {worker['resident_bytes'] >> 20} MiB"
+        )
+        assert worker["resident_bytes"] > model_bytes * 0.8  # the weights are in the worker ...
+        assert with_model - before < model_bytes * 0.2  # ... not in the server
+        assert after < before * 1.1
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker["pid"], 0)  # the worker is gone, and its memory with it

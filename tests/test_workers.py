@@ -241,3 +241,16 @@ def test_a_model_that_keeps_crashing_stays_failed_until_it_is_loaded_on_purpose(
     load(server, SMOL)  # on purpose: it may try again
     assert ask(model=SMOL, messages=COUNTING, max_tokens=2).choices[0].message.content is not None
     assert not row(server, SMOL)["crash_looping"]
+
+
+def test_the_admin_page_shows_each_worker_and_where_the_weights_are(two_model_server: RunningServer) -> None:
+    server = two_model_server
+    for name in (SMOL, SMOL_HF):
+        if row(server, name)["state"] != "loaded":
+            load(server, name)
+    page = httpx.get(f"{server.base_url}/admin", timeout=120).text
+    for name in (SMOL, SMOL_HF):
+        worker = worker_of(server, name)
+        assert f"worker pid {worker['pid']}" in page and "resident" in page
+    buffers = row(server, SMOL)["loaded"]["weight_buffers"]
+    assert f"weights: {', '.join(f'{k} {v}' for k, v in buffers.items())}" in page

@@ -242,7 +242,13 @@ class WorkerProcessModel(Model):
         environment = {**WORKER_ENVIRONMENT, **child_environment()}
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "backends.hosts.worker_main", str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-m",
+                    "backends.hosts.worker_main",
+                    str(theirs.fileno()),
+                    logging.getLevelName(logging.getLogger().getEffectiveLevel()),  # it logs what this one would
+                ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""The worker process of one loaded model: ``python -m backends.hosts.worker_main FD``.
+"""The worker process of one loaded model: ``python -m backends.hosts.worker_main FD [LEVEL]``.
 
 The server's front (``backends.hosts.process``) starts it with one end of a socket pair as FD, sends it the
 entry to load, and then its calls; everything that crosses is a pickled list of messages, so that the
@@ -199,7 +199,8 @@ def main(argv: list[str]) -> None:
     faulthandler.enable()  # a native crash writes the Python stacks to stderr, which the front keeps
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter("%(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    level = argv[2] if len(argv) > 2 and argv[2] in logging.getLevelNamesMapping() else "INFO"
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     host = WorkerHost(Connection(int(argv[1])))
     host.run()
 
