@@ -31,8 +31,8 @@ from admin.rendering import (
 )
 from admin.views import conversions_context, page_context, summary_context
 from backends import BackendError, ModelRegistry, RegistryFileError
-from backends.convert_cache import ConvertCache
-from backends.registry_file import RegistryEditError, RegistryFile, entry_name
+from backends.registry.file import RegistryEditError, RegistryFile, entry_name
+from backends.weights.convert_cache import ConvertCache
 from proxy.admin_api import NO_FILE, apply_edit, clear_conversion, freshen, split_action
 from proxy.errors import APIError
 from proxy.manager import ManagerError, ModelManager

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.registry import Problem
+from backends.registry.entries import Problem
 
 BACKEND_CHOICES = ("llamacpp", "huggingface_local", "openai_compatible")
 

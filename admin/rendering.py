@@ -14,7 +14,7 @@ from litestar.datastructures import Cookie
 from admin.editor import FIELDS, EntryForm
 from admin.views import model_row
 from backends import ModelRegistry
-from backends.registry_file import RegistryFile
+from backends.registry.file import RegistryFile
 from proxy.admin_api import NO_FILE
 from proxy.manager import ModelManager
 from proxy.security import CSRF_COOKIE, AccessControl

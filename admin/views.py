@@ -12,9 +12,9 @@ import time
 from typing import Any
 
 from backends import ModelRegistry
-from backends.convert_cache import ConvertCache
 from backends.hosts.process import gpus_in_a_process
-from backends.weights import local_copy
+from backends.weights.convert_cache import ConvertCache
+from backends.weights.files import local_copy
 from proxy.admin_api import convert_cache_view, entry_view, process_rss_bytes
 from proxy.manager import ModelManager
 from proxy.upstream import UpstreamClients, remote_view

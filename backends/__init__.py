@@ -18,7 +18,7 @@ from backends.errors import (
     UnsupportedBackendError,
 )
 from backends.model import GenerationOutcome, GenerationParams, LoadOptions, Model, PreparedPrompt
-from backends.registry import ModelRegistry, RegistryEntry, RegistryFileError
+from backends.registry.entries import ModelRegistry, RegistryEntry, RegistryFileError
 from backends.spec import ModelSpec
 
 __all__ = [

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.huggingface_local import HuggingfaceLocalModel
-from backends.llamacpp import LlamaCppModel
+from backends.huggingface.model import HuggingfaceLocalModel
+from backends.llamacpp.model import LlamaCppModel
 from backends.model import Model
 from backends.openai_compatible import OpenAICompatibleModel
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from backends.cleaning import OutputCleaner
 from backends.errors import ConstraintUnavailableError, ContextLengthExceededError, PromptRenderError
-from backends.grammar import CompiledGrammar, GrammarCompiler, SequenceMatcher
 from backends.placement import PLACEMENT_KEYS, check_placement
-from backends.progress import LoadProgress
-from backends.prompting import ChatTemplate
 from backends.spec import ModelSpec, parse_context_size
+from backends.text.cleaning import OutputCleaner
+from backends.text.grammar import CompiledGrammar, GrammarCompiler, SequenceMatcher
+from backends.text.prompting import ChatTemplate
+from backends.weights.progress import LoadProgress
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class LoadOptions:
     def convert_cache_root(self) -> Path | None:
         """Where converted GGUF checkpoints go; None when they are not kept. Unset, the folder comes from
         ``CLEMPROXY_CONVERT_CACHE`` (as the flag's variable) else the user's cache directory, read now."""
-        from backends.convert_cache import DISABLED, default_root
+        from backends.weights.convert_cache import DISABLED, default_root
 
         chosen = self.convert_cache or os.environ.get("CLEMPROXY_CONVERT_CACHE", "")
         if chosen.strip().lower() == DISABLED:
@@ -106,8 +106,8 @@ class GenerationParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of a token
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    tools: tuple[Mapping[str, Any], ...] = ()  # OpenAI's tool objects, for the prompt (``backends.tools``)
-    grammar: str | None = None  # what the output must match, in llguidance's format (``backends.grammar``)
+    tools: tuple[Mapping[str, Any], ...] = ()  # OpenAI's tool objects, for the prompt (``backends.text.tools``)
+    grammar: str | None = None  # what the output must match, in llguidance's format (``backends.text.grammar``)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from backends.credentials import key_file_locations, key_section
 from backends.errors import GenerationError, ModelLoadError
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from backends.weights.credentials import key_file_locations, key_section
 
 
 def is_base_url(value: Any) -> bool:

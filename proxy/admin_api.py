@@ -3,7 +3,7 @@
 ``GET /admin/api/models`` is what the admin page shows; the POST routes are what its buttons do. A load
 answers once the model is loaded (or has failed, with the error in the OpenAI envelope); an unload once the
 model's running requests have finished or been cancelled. ``/admin/api/registry`` edits the first registry
-file the server was given (``backends.registry_file``), and the server serves the edited entries at once.
+file the server was given (``backends.registry.file``), and the server serves the edited entries at once.
 ``/admin/api/convert-cache`` lists the GGUF checkpoints converted for transformers and clears one.
 """
 
@@ -21,9 +21,9 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from backends import ModelRegistry, RegistryEntry, RegistryFileError
-from backends.convert_cache import ConversionInUse, ConvertCache
 from backends.placement import PLACEMENT_KEYS, requested_gpu_layers
-from backends.registry_file import RegistryEditError, RegistryFile
+from backends.registry.file import RegistryEditError, RegistryFile
+from backends.weights.convert_cache import ConversionInUse, ConvertCache
 from proxy.errors import APIError
 from proxy.manager import ModelManager, ModelSlot
 from proxy.ray_serve import refresh_replicas

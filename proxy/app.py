@@ -17,9 +17,9 @@ from litestar.di import Provide
 from litestar.plugins import InitPluginProtocol
 
 from backends import ModelRegistry, create_model
-from backends.convert_cache import ConvertCache
 from backends.hosts.process import WorkerProcesses
-from backends.registry_file import RegistryFile
+from backends.registry.file import RegistryFile
+from backends.weights.convert_cache import ConvertCache
 from proxy.access_log import access_log_middleware
 from proxy.admin_api import AdminAPIController
 from proxy.chat import ChatCompletionService

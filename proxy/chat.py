@@ -8,7 +8,7 @@ from typing import Any
 
 from backends import GenerationParams, Model, PreparedPrompt
 from backends.model import TokenLogprob as BackendTokenLogprob
-from backends.tools import CallStart, Content, Piece, ToolCallParser
+from backends.text.tools import CallStart, Content, Piece, ToolCallParser
 from proxy.constraints import Function, ToolChoice, constraint
 from proxy.errors import APIError
 from proxy.protocol import (
@@ -45,7 +45,7 @@ from proxy.serving import (
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as chat templates expect them: role, a plain string content, and an assistant's tool calls and a
-    tool result's call id (``backends.prompting.template_messages`` renders those for templates that can't)."""
+    tool result's call id (``backends.text.prompting.template_messages`` renders those for templates that can't)."""
     converted = []
     calls_made: set[str] = set()
     for index, message in enumerate(messages):

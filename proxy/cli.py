@@ -23,9 +23,9 @@ from typing import Any
 import click
 import uvicorn
 
-from backends.credentials import huggingface_token, key_section
 from backends.errors import CredentialsError
-from backends.registry import ModelRegistry, RegistryFileError, registry_sources
+from backends.registry.entries import ModelRegistry, RegistryFileError, registry_sources
+from backends.weights.credentials import huggingface_token, key_section
 from proxy.manager import ModelManager
 from proxy.security import RedactingFormatter, is_loopback
 from proxy.settings import KeyFileError, ServerSettings, Settings, parse_memory

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from backends.grammar import check_json_schema, grammar_problem, lark_grammar
-from backends.tools import call_grammar
+from backends.text.grammar import check_json_schema, grammar_problem, lark_grammar
+from backends.text.tools import call_grammar
 from proxy.errors import APIError
 
 ToolMode = Literal["none", "auto", "required", "function"]

@@ -7,7 +7,8 @@ room; unloading it deletes the application. A request prepares its prompt on a r
 generation from one, several tokens per chunk (Serve costs a millisecond or two per chunk). The manager stays
 the model manager: Serve's multiplexing is not used, because it evicts models that are still streaming.
 
-Ray is optional (``pip install 'clemproxy[ray]'``) and imported only here, only when ``--ray`` is given.
+Ray is optional (``pip install 'clemproxy[ray]'``) and imported only here and in the replica's module
+(``backends.hosts.ray_replica``), only when ``--ray`` is given.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,8 @@ from backends import (
 )
 from backends import create_model as create_local_model
 from backends.errors import GenerationError
-from backends.hosts.worker import ModelWorker, RemoteGeneration, prepared_from, prompt_fields
+from backends.hosts.ray_replica import ModelReplica, import_ray, import_serve
+from backends.hosts.worker import RemoteGeneration, prepared_from, prompt_fields
 from backends.model import PreparedPrompt
 from backends.placement import requested_gpu_layers
 from proxy.manager.errors import ManagerError, ModelBusyError
@@ -43,8 +45,7 @@ from proxy.manager.errors import ManagerError, ModelBusyError
 logger = logging.getLogger(__name__)
 
 APP_PREFIX = "clemproxy-"
-CHUNK_TOKENS = 8  # deltas per streamed chunk at most; the first goes alone, so the time to first token stays low
-CHUNK_SECONDS = 0.05  # and no delta waits longer than this for the others of its chunk
+
 # Passed on to every replica, so that the replicas look for weights as this server does (offline, same caches).
 FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN", "CLEMPROXY_TEST_CACHE")
 
@@ -61,65 +62,6 @@ def replicas_of(spec: Mapping[str, Any]) -> int:
     if isinstance(autoscaling, Mapping):
         return int(autoscaling.get("max", 1))
     return int(spec.get("replicas", 1))
-
-
-def import_ray() -> Any:
-    """Ray, untyped here: only this module uses it, and its own hints are partial."""
-    try:
-        import ray
-    except ImportError:
-        raise SystemExit(
-            "--ray needs Ray Serve, which is not installed: pip install 'clemproxy[ray]' (on every node)"
-        ) from None
-    return ray
-
-
-def import_serve() -> Any:
-    import_ray()
-    from ray import serve
-
-    return serve
-
-
-# --- the replica, in a Ray worker process ------------------------------------------------------------
-
-
-class ModelReplica:
-    """One replica of one registry entry: the worker code (``backends.hosts.worker``) in a Ray worker process,
-    the other host of it beside the local worker process."""
-
-    def __init__(self, entry: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-        ray, serve = import_ray(), import_serve()
-        model = create_local_model(ModelSpec.from_dict(entry), LoadOptions(**options))
-        model.load()
-        self.worker = ModelWorker(model)
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.node_id = ray.get_runtime_context().get_node_id()
-
-    def describe(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "node": self.node_id, "pid": os.getpid(), **self.worker.describe()}
-
-    def prepare(self, messages: Sequence[Mapping[str, Any]] | None, text: str | None, params: GenerationParams) -> Any:
-        return self.worker.prepare(messages, text, params)
-
-    async def generate(
-        self, prompt: Mapping[str, Any], params: GenerationParams
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """First who serves it, then the worker's chunks of raw pieces, up to ``CHUNK_TOKENS`` each. Serve cancels
-        this when the caller goes away, which stops the model."""
-        yield {"replica": self.replica_id, "node": self.node_id}
-        cancel = threading.Event()
-        chunks = self.worker.chunks(prompt, params, cancel, most=CHUNK_TOKENS, linger=CHUNK_SECONDS)
-        try:
-            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-                yield chunk
-        finally:
-            cancel.set()
-
-    def __del__(self) -> None:  # Serve's way to end a replica; it may call this more than once
-        worker = getattr(self, "worker", None)
-        if worker is not None and worker.model.is_loaded:
-            worker.model.unload()
 
 
 async def refresh_replicas(models: Sequence[Model]) -> None:
@@ -438,4 +380,3 @@ class RayServeModel(Model):
 
     def tokenize_prompt(self, text: str) -> list[int]:
         raise GenerationError(f"{self.name} is tokenised by its replicas")
-

@@ -108,7 +108,7 @@ class GeneratedChoice:
     outcome: GenerationOutcome = field(default_factory=GenerationOutcome)
     text: str = ""  # the cleaned text so far: all of it once generated
     logprobs_sent: int = 0
-    parser: Any = None  # the endpoint's reader of a streamed text (``backends.tools.ToolCallParser``)
+    parser: Any = None  # the endpoint's reader of a streamed text (``backends.text.tools.ToolCallParser``)
 
     def fresh_logprobs(self) -> list[TokenLogprob]:
         """Log probabilities not yet sent in a stream chunk."""

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from backends import GenerationOutcome, GenerationParams, ModelRegistry, create_model
-from backends.registry import bundled_registry_path
+from backends.registry.entries import bundled_registry_path
 
 COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
 MODELS = {"llamacpp": "SmolLM2-135M-Instruct-GGUF", "huggingface_local": "SmolLM2-135M-Instruct"}

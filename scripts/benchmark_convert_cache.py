@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from backends.convert_cache import MARKER  # noqa: E402
+from backends.weights.convert_cache import MARKER  # noqa: E402
 from tests.support import SMOL_HF_GGUF, bundled_entry, smol_hf_entry  # noqa: E402
 
 LOAD = """

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from backends.llamacpp import build_has_amx  # noqa: E402
+from backends.llamacpp.model import build_has_amx  # noqa: E402
 from tests.support import COUNTING, SMOL, free_port, in_process_llama, smollm2_gguf  # noqa: E402
 
 CORES = os.cpu_count() or 1

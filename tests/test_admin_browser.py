@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from backends import ModelRegistry
-from backends.registry import bundled_registry_path
+from backends.registry.entries import bundled_registry_path
 from proxy.settings import Settings
 from tests.support import SMOL, RunningServer, smol_entry, wait_until, write_registry
 

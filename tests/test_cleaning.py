@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from backends.cleaning import OutputCleaner, clean_output
+from backends.text.cleaning import OutputCleaner, clean_output
 
 CASES: list[tuple[str, dict[str, Any], str]] = [
     ("Hello<|im_end|>", {"eos_to_cull": r"<\|im_end\|>"}, "Hello"),

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from backends import LoadOptions, ModelRegistry
-from backends.convert_cache import MARKER, ORIGIN, ConversionInUse, ConvertCache
+from backends.weights.convert_cache import MARKER, ORIGIN, ConversionInUse, ConvertCache
 from proxy.settings import Settings
 from tests.support import (
     CONVERT_CACHE,
@@ -66,7 +66,7 @@ CONVERT_IN_A_PROCESS = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from backends.convert_cache import ConvertCache, convert_gguf
+    from backends.weights.convert_cache import ConvertCache, convert_gguf
     gguf = Path(sys.argv[2])
     converted = []
     def convert(target):
@@ -154,7 +154,7 @@ CRASH_BEFORE_RENAME = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from backends.convert_cache import ConvertCache
+    from backends.weights.convert_cache import ConvertCache
     def convert(target):
         target.mkdir(parents=True)
         (target / "model.safetensors").write_bytes(b"half")

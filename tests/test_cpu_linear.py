@@ -1,5 +1,5 @@
-"""The small-batch matrix products chosen at load (``backends.cpu_linear``) give what ``linear`` gives, to float32
-rounding, for every weight of the real model and every row count a decode step can have."""
+"""The small-batch matrix products chosen at load (``backends.huggingface.cpu_linear``) give what ``linear`` gives,
+to float32 rounding, for every weight of the real model and every row count a decode step can have."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from backends.cpu_linear import _columns, tune_small_batch_linears
+from backends.huggingface.cpu_linear import _columns, tune_small_batch_linears
 
 
 def test_every_tuned_weight_of_the_real_model_computes_what_linear_computes(smol_hf: Any) -> None:

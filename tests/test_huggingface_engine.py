@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from backends import LoadOptions, ModelRegistry
-from backends.huggingface_local import HuggingfaceLocalModel
+from backends.huggingface.model import HuggingfaceLocalModel
 from proxy.settings import Settings
 from tests.support import COUNTING, RunningServer, StreamInThread, smol_hf_entry, wait_until, write_registry
 

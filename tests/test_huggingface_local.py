@@ -11,14 +11,14 @@ import pytest
 
 from backends import ContextLengthExceededError, GenerationParams, ModelLoadError
 from backends.errors import CredentialsError
-from backends.huggingface_local import (
+from backends.huggingface.model import (
     IncrementalDetokenizer,
     Placement,
     choose_placement,
     load_tokenizer,
     partial_device_map,
 )
-from backends.weights import ModelSource, checkpoint_files, find_model_source
+from backends.weights.files import ModelSource, checkpoint_files, find_model_source
 from tests.support import COLORS, SMOL_HF_GGUF, bundled_entry, generate, loaded, smol_hf_entry
 
 
@@ -186,7 +186,7 @@ def test_checkpoint_sources_and_their_errors(tmp_path: Path, checkpoint: Path) -
 def test_gated_checkpoint_needs_a_token_only_for_the_hub(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, checkpoint: Path
 ) -> None:
-    # The same key lookup as the llama.cpp backend (backends.credentials), asked only when the hub is.
+    # The same key lookup as the llama.cpp backend (backends.weights.credentials), asked only when the hub is.
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from backends import ContextLengthExceededError, GenerationParams, ModelLoadError, ModelRegistry
-from backends.credentials import huggingface_token
 from backends.errors import CredentialsError
-from backends.llamacpp import LlamaCppModel, build_has_amx
+from backends.llamacpp.model import LlamaCppModel, build_has_amx
 from backends.placement import requested_gpu_layers
-from backends.prompting import ensure_single_bos
-from backends.weights import find_weight_files
+from backends.text.prompting import ensure_single_bos
+from backends.weights.credentials import huggingface_token
+from backends.weights.files import find_weight_files
 from tests.support import CHATML_VIA_SPECIAL_TOKENS, COLORS, GREEDY, generate, loaded, smol_entry, smollm2_gguf
 
 BOS = 1  # SmolLM2: <|im_start|> is the BOS token, and the file says not to add one automatically

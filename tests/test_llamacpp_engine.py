@@ -245,7 +245,7 @@ def test_slots_and_cache_show_in_the_admin_api(engine_server: RunningServer, tmp
 
 
 def test_common_prefix() -> None:
-    from backends.slots import common_prefix
+    from backends.engine.slots import common_prefix
 
     assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3 and common_prefix([1, 2, 3], [1, 5, 3]) == 1
     assert common_prefix([], [1]) == 0 and common_prefix([7] * 1000 + [1], [7] * 1000 + [2]) == 1000
@@ -254,7 +254,7 @@ def test_common_prefix() -> None:
 def test_a_slot_is_chosen_to_keep_the_most_of_the_cache() -> None:
     """The dialogue a prompt continues keeps its slot; an unrelated prompt takes an empty slot before it takes
     one that holds another dialogue; the longest prefix any slot holds is the one to copy."""
-    from backends.slots import Slot, choose_slot
+    from backends.engine.slots import Slot, choose_slot
 
     rules, a, b = list(range(100)), [1000, 1001], [2000, 2001]
     dialogue_a = Slot(0, cached=rules + a + [7, 8], prompt_length=len(rules + a), last_used=2.0)

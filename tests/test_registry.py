@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from backends import InvalidModelEntryError, ModelRegistry, ModelSpec, UnknownModelError, UnsupportedBackendError
-from backends.registry import RegistryFileError, bundled_registry_path, registry_sources
-from backends.weights import local_model_dir
+from backends.registry.entries import RegistryFileError, bundled_registry_path, registry_sources
+from backends.weights.files import local_model_dir
 from tests.support import SMOL, smol_entry, write_registry
 
 FLAT = {

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from backends.grammar import check_json_schema, grammar_problem, json_schema_grammar, lark_grammar
-from backends.prompting import ChatTemplate
-from backends.tools import CallArguments, CallStart, Content, ToolCallParser, call_grammar
+from backends.text.grammar import check_json_schema, grammar_problem, json_schema_grammar, lark_grammar
+from backends.text.prompting import ChatTemplate
+from backends.text.tools import CallArguments, CallStart, Content, ToolCallParser, call_grammar
 
 FUNCTIONS = [
     {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},

@@ -37,8 +37,8 @@ from typing import Any
 from backends.errors import GenerationError, ModelLoadError
 from backends.hosts.worker import RemoteBackendError, RemoteGeneration, prepared_from, prompt_fields
 from backends.model import GenerationOutcome, GenerationParams, LoadOptions, Model, PreparedPrompt
-from backends.progress import LoadProgress
 from backends.spec import ModelSpec
+from backends.weights.progress import LoadProgress
 
 logger = logging.getLogger(__name__)
 

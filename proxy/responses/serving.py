@@ -25,7 +25,7 @@ from msgspec import UNSET
 
 from backends import BackendError, GenerationParams, Model, PreparedPrompt
 from backends.model import TokenLogprob
-from backends.tools import CallArguments, CallStart, Content, Piece, ToolCallParser
+from backends.text.tools import CallArguments, CallStart, Content, Piece, ToolCallParser
 from proxy.chat import logprob_structs
 from proxy.constraints import Function, ToolChoice, constraint
 from proxy.errors import APIError

@@ -9,7 +9,7 @@ from collections.abc import Generator
 from typing import Any
 
 from backends import GenerationOutcome, GenerationParams, Model, PreparedPrompt
-from backends.prompting import choose_chat_template
+from backends.text.prompting import choose_chat_template
 
 
 class FakeModels:

@@ -38,7 +38,7 @@ def in_process_llama(**kwargs: Any) -> Any:
     import llama_cpp
     import llama_cpp.llama as high_level
 
-    from backends.llamacpp import build_has_amx
+    from backends.llamacpp.model import build_has_amx
 
     default_params = high_level.llama_cpp.llama_model_default_params
 
@@ -60,7 +60,7 @@ def smollm2_safetensors_dir() -> Path:
     chat template): the layout most real users serve. Made by the server's own conversion cache, in
     ``CONVERT_CACHE`` (the folder every test server's conversions go to), so that it is the very checkpoint the
     bundled transformers entry loads from, converted once per cache."""
-    from backends.convert_cache import ConvertCache, convert_gguf
+    from backends.weights.convert_cache import ConvertCache, convert_gguf
 
     gguf = smollm2_gguf()
     use = ConvertCache(CONVERT_CACHE).use(gguf, "float32", lambda target: convert_gguf(gguf, "float32", target))

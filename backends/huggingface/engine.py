@@ -32,10 +32,10 @@ from typing import Any, TypeVar
 import torch
 from transformers import Cache
 
-from backends.engine_loop import SlotEngine
+from backends.engine.loop import SlotEngine
+from backends.engine.slots import EngineEvent, EngineRequest, Slot, choose_slot
 from backends.errors import GenerationError
 from backends.model import GenerationParams, token_logprob
-from backends.slots import EngineEvent, EngineRequest, Slot, choose_slot
 
 logger = logging.getLogger(__name__)
 

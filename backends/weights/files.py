@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from backends.credentials import huggingface_token
 from backends.errors import ModelLoadError
-from backends.progress import LoadCancelled, LoadProgress
+from backends.weights.credentials import huggingface_token
+from backends.weights.progress import LoadCancelled, LoadProgress
 
 logger = logging.getLogger(__name__)
 

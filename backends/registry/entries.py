@@ -24,8 +24,8 @@ import jinja2
 from backends.catalog import BACKENDS
 from backends.errors import InvalidModelEntryError, UnknownModelError, UnsupportedBackendError
 from backends.openai_compatible import is_base_url
-from backends.prompting import compile_template
 from backends.spec import ModelSpec
+from backends.text.prompting import compile_template
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def bundled_registry_path() -> Path:
     packaged = resources.files("backends").joinpath(REGISTRY_FILENAME)
     if packaged.is_file():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / REGISTRY_FILENAME
+    return Path(__file__).resolve().parents[2] / REGISTRY_FILENAME
 
 
 def registry_sources(registries: Iterable[Path] = (), cwd: Path | None = None) -> list[Path]:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.grammar import with_json_options
+from backends.text.grammar import with_json_options
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.errors import GenerationError
-from backends.grammar import SequenceMatcher
 from backends.model import GenerationParams, TokenLogprob
+from backends.text.grammar import SequenceMatcher
 
 UNLOADED = "The model was unloaded while this request was generating"
 

@@ -16,12 +16,12 @@ from collections.abc import Generator
 from typing import Any
 
 from backends.errors import ModelLoadError
-from backends.grammar import GrammarCompiler
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
 from backends.placement import layers_on_gpu, requested_gpu_layers
-from backends.prompting import choose_chat_template, ensure_single_bos
 from backends.spec import parse_context_size
-from backends.weights import find_weight_files
+from backends.text.grammar import GrammarCompiler
+from backends.text.prompting import choose_chat_template, ensure_single_bos
+from backends.weights.files import find_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class LlamaCppModel(Model):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._model: Any = None  # llama_cpp._internals.LlamaModel
-        self._engine: Any = None  # backends.llamacpp_engine.LlamaCppEngine
+        self._engine: Any = None  # backends.llamacpp.engine.LlamaCppEngine
         self._info: dict[str, Any] = {}
 
     @classmethod
@@ -113,7 +113,7 @@ class LlamaCppModel(Model):
         import llama_cpp
         from llama_cpp._internals import LlamaModel
 
-        from backends.llamacpp_engine import LlamaCppEngine
+        from backends.llamacpp.engine import LlamaCppEngine
 
         route_llama_log()
 
@@ -264,9 +264,9 @@ class LlamaCppModel(Model):
     ) -> Generator[str, None, None]:
         import llama_cpp
 
-        from backends.engine_loop import engine_tokens
-        from backends.llamacpp_slots import token_piece
-        from backends.slots import EngineRequest
+        from backends.engine.loop import engine_tokens
+        from backends.engine.slots import EngineRequest
+        from backends.llamacpp.sampling import token_piece
 
         model = self._require_loaded()
         engine = self._engine

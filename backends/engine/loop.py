@@ -17,9 +17,9 @@ from collections import deque
 from collections.abc import Generator, Iterator
 from typing import Any, ClassVar
 
+from backends.engine.slots import UNLOADED, EngineEvent, EngineRequest, EngineStats, Slot
 from backends.errors import GenerationError
 from backends.model import GenerationOutcome
-from backends.slots import UNLOADED, EngineEvent, EngineRequest, EngineStats, Slot
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from backends.errors import PromptRenderError
-from backends.tools import CALL_CLOSE, CALL_OPEN, tool_prompt
+from backends.text.tools import CALL_CLOSE, CALL_OPEN, tool_prompt
 
 logger = logging.getLogger(__name__)
 

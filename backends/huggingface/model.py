@@ -1,18 +1,19 @@
 """The ``huggingface_local`` backend: transformers causal LMs with torch, on CPU or GPU.
 
 Checkpoints are a directory with ``config.json`` (local, from an installed
-package, or downloaded from the hub by ``backends.weights``) or one GGUF file
+package, or downloaded from the hub by ``backends.weights.files``) or one GGUF file
 (``gguf_file``), which transformers dequantises; so one GGUF can be served by
 both backends. transformers only ever reads local files here.
 
-Generation goes through ``TransformersEngine`` (``backends.huggingface_engine``), which decodes every request of
+Generation goes through ``TransformersEngine`` (``backends.huggingface.engine``), which decodes every request of
 the model together in ``parallel`` slots that keep each dialogue's KV cache, a token at a time, so streaming,
 cancellation and token counts are exact and the stop conditions are ours. A model the engine cannot batch (one
 with sliding-window layers) is served by a token loop of its own per request, which recomputes every prompt.
 
 Weights are float32 on the CPU unless the entry's ``dtype`` says otherwise (``bfloat16`` halves the memory and
-changes the outputs a little; on the 2-core reference machine it decoded one stream no faster than float32, whose
-small products ``backends.cpu_linear`` tunes, and four streams a tenth faster), bfloat16 or float16 on a GPU.
+changes the outputs a little; on the 2-core reference machine it decoded one stream no faster than float32,
+whose small products ``backends.huggingface.cpu_linear`` tunes, and four streams a tenth faster), bfloat16 or
+float16 on a GPU.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backends.convert_cache import ORIGIN, ConvertCache, Use, convert_gguf
+from backends.engine.slots import EngineRequest
 from backends.errors import ModelLoadError
-from backends.grammar import GrammarCompiler
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt, token_logprob
 from backends.placement import ALL_LAYERS, layers_on_gpu, requested_gpu_layers
-from backends.prompting import choose_chat_template, ensure_single_bos
-from backends.slots import EngineRequest
-from backends.weights import ModelSource, find_model_source
+from backends.text.grammar import GrammarCompiler
+from backends.text.prompting import choose_chat_template, ensure_single_bos
+from backends.weights.convert_cache import ORIGIN, ConvertCache, Use, convert_gguf
+from backends.weights.files import ModelSource, find_model_source
 
 if TYPE_CHECKING:  # torch and transformers are imported when a model loads, not with the registry
-    from backends.huggingface_engine import TransformersEngine
+    from backends.huggingface.engine import TransformersEngine
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +206,8 @@ class HuggingfaceLocalModel(Model):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from backends.cpu_linear import tune_small_batch_linears
-        from backends.huggingface_engine import TransformersEngine, batching_unsupported, on_a_thread_that_ends
+        from backends.huggingface.cpu_linear import tune_small_batch_linears
+        from backends.huggingface.engine import TransformersEngine, batching_unsupported, on_a_thread_that_ends
 
         if self.options.threads > 0:  # this model's share of the server's threads (it runs in a worker process)
             torch.set_num_threads(self.options.threads)
@@ -300,7 +301,8 @@ class HuggingfaceLocalModel(Model):
             "context_size_trained": getattr(config, "max_position_embeddings", None),
             "chat_template": self.chat_template.origin,
             "batching": "engine" if self._engine is not None else "one request at a time",
-            "small_batch_kernels": kernels,  # weight shape: the row counts computed as W @ x.T (backends.cpu_linear)
+            # weight shape: the row counts computed as W @ x.T (backends.huggingface.cpu_linear)
+            "small_batch_kernels": kernels,
             "warnings": warnings,
         }
         logger.info(
@@ -366,7 +368,7 @@ class HuggingfaceLocalModel(Model):
     def _converted(self, source: ModelSource, gguf: Path, dtype: str, cache: ConvertCache) -> ModelSource:
         """The GGUF's converted checkpoint in the cache, converted now if this is its first load (or waited for,
         when another process converts it); held until the model unloads."""
-        from backends.huggingface_engine import on_a_thread_that_ends
+        from backends.huggingface.engine import on_a_thread_that_ends
 
         def convert(target: Path) -> None:
             self.progress.enter("dequantising the GGUF weights (once: later loads read the converted copy)")
@@ -429,7 +431,7 @@ class HuggingfaceLocalModel(Model):
         detokenizer = IncrementalDetokenizer(tokenizer, self._tokenizer_lock)
         engine = self._engine
         if engine is not None:
-            from backends.engine_loop import engine_tokens
+            from backends.engine.loop import engine_tokens
 
             request = EngineRequest(
                 prompt.token_ids, prompt.max_tokens, params, cancel=cancel, constraint=prompt.matcher()
@@ -454,7 +456,7 @@ class HuggingfaceLocalModel(Model):
         """For a model the engine cannot batch: a token loop of this request's own over a fresh cache."""
         import torch
 
-        from backends.huggingface_engine import TorchSampler
+        from backends.huggingface.engine import TorchSampler
 
         model = self._require_loaded()[0]
         device = model.get_input_embeddings().weight.device

@@ -1,5 +1,5 @@
 """The llama.cpp engine's samplers and token pieces (the slot bookkeeping both engines share is in
-``backends.slots``)."""
+``backends.engine.slots``)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from backends.registry import Problem, RegistryFileError, bundled_registry_path, flatten_entry, validate_entry
+from backends.registry.entries import Problem, RegistryFileError, bundled_registry_path, flatten_entry, validate_entry
 
 
 class RegistryEditError(Exception):

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from backends.engine_loop import SlotEngine
+from backends.engine.loop import SlotEngine
+from backends.engine.slots import EngineEvent, EngineRequest, Slot, choose_slot
 from backends.errors import GenerationError, KVCacheFullError
-from backends.llamacpp_slots import sampler_chain, token_piece
+from backends.llamacpp.sampling import sampler_chain, token_piece
 from backends.model import token_logprob
-from backends.slots import EngineEvent, EngineRequest, Slot, choose_slot
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The ``llamacpp`` backend: the model (``model``), its engine (``engine``) and samplers (``sampling``)."""

@@ -1,0 +1,2 @@
+"""The registry: clembench's entries read, validated and resolved (``entries``), and a registry file edited
+(``file``)."""

@@ -1,0 +1,2 @@
+"""The text side of a model: chat templates (``prompting``), tool calls (``tools``), constrained decoding
+(``grammar``) and output cleaning (``cleaning``)."""
