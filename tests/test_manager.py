@@ -337,23 +337,31 @@ def rss_of(base_url: str) -> int:
     return int(httpx.get(f"{base_url}/admin/api/models", timeout=30).json()["process"]["rss_bytes"])
 
 
+def load_generate_unload(base_url: str) -> dict[str, Any]:
+    """The server's resident memory before a load of smol-hf, after a generation, and after its unload; and the
+    loaded model's row as it was."""
+    memory = {"before": rss_of(base_url)}
+    httpx.post(f"{base_url}/admin/api/models/smol-hf/load", timeout=120).raise_for_status()
+    # The weights are memory-mapped: a generation reads every one of them into memory.
+    body = {"model": "smol-hf", "messages": COUNTING, "max_tokens": 2}
+    assert httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+    models = httpx.get(f"{base_url}/admin/api/models", timeout=30).json()["models"]
+    loaded = next(m for m in models if m["name"] == "smol-hf")["loaded"]
+    memory["with_model"] = rss_of(base_url)
+    httpx.post(f"{base_url}/admin/api/models/smol-hf/unload", timeout=120).raise_for_status()
+    memory["after"] = rss_of(base_url)
+    print({key: value >> 20 for key, value in memory.items()}, "MiB")
+    return {**memory, "loaded": loaded}
+
+
 def test_memory_is_returned_after_unload_in_the_servers_own_process(tmp_path: Path, smol_checkpoint: Path) -> None:
     """With --no-worker-processes the weights are in the server's process, and an unload gives them back."""
     registry = write_registry(tmp_path / "model_registry.json", entries(smol_checkpoint))
     with ServerProcess(registry, "--no-worker-processes") as process:
-        base_url = process.base_url
-        before = rss_of(base_url)
-        loaded = httpx.post(f"{base_url}/admin/api/models/smol-hf/load", timeout=120).json()
-        model_bytes = loaded["loaded"]["model_bytes"]
-        # The weights are memory-mapped: a generation reads every one of them into memory.
-        body = {"model": "smol-hf", "messages": COUNTING, "max_tokens": 2}
-        assert httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120).status_code == 200
-        with_model = rss_of(base_url)
-        httpx.post(f"{base_url}/admin/api/models/smol-hf/unload", timeout=120)
-        after = rss_of(base_url)
-        print(f"RSS before load {before >> 20} MiB, loaded {with_model >> 20} MiB, after unload {after >> 20} MiB")
-        assert with_model - before > model_bytes * 0.8  # the weights were in memory ...
-        assert with_model - after > model_bytes * 0.8  # ... and left it
+        seen = load_generate_unload(process.base_url)
+    model_bytes = seen["loaded"]["model_bytes"]
+    assert seen["with_model"] - seen["before"] > model_bytes * 0.8  # the weights were in memory ...
+    assert seen["with_model"] - seen["after"] > model_bytes * 0.8  # ... and left it
 
 
 def test_a_workers_memory_goes_with_it_and_the_server_stays_small(tmp_path: Path, smol_checkpoint: Path) -> None:
@@ -361,23 +369,10 @@ def test_a_workers_memory_goes_with_it_and_the_server_stays_small(tmp_path: Path
     does not grow, and an unload ends the process."""
     registry = write_registry(tmp_path / "model_registry.json", entries(smol_checkpoint))
     with ServerProcess(registry) as process:
-        base_url = process.base_url
-        before = rss_of(base_url)
-        loaded = httpx.post(f"{base_url}/admin/api/models/smol-hf/load", timeout=120).json()
-        model_bytes = loaded["loaded"]["model_bytes"]
-        body = {"model": "smol-hf", "messages": COUNTING, "max_tokens": 2}
-        assert httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120).status_code == 200
-        models = httpx.get(f"{base_url}/admin/api/models", timeout=30).json()["models"]
-        worker = next(m for m in models if m["name"] == "smol-hf")["loaded"]["worker"]
-        with_model = rss_of(base_url)
-        httpx.post(f"{base_url}/admin/api/models/smol-hf/unload", timeout=120)
-        after = rss_of(base_url)
-        print(
-            f"server RSS {before >> 20} / {with_model >> 20} / {after >> 20} MiB; "
-            f"worker {worker['resident_bytes'] >> 20} MiB"
-        )
-        assert worker["resident_bytes"] > model_bytes * 0.8  # the weights are in the worker ...
-        assert with_model - before < model_bytes * 0.2  # ... not in the server
-        assert after < before * 1.1
-        with pytest.raises(ProcessLookupError):
-            os.kill(worker["pid"], 0)  # the worker is gone, and its memory with it
+        seen = load_generate_unload(process.base_url)
+    model_bytes, worker = seen["loaded"]["model_bytes"], seen["loaded"]["worker"]
+    assert worker["resident_bytes"] > model_bytes * 0.8  # the weights are in the worker ...
+    assert seen["with_model"] - seen["before"] < model_bytes * 0.2  # ... not in the server
+    assert seen["after"] < seen["before"] * 1.1
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker["pid"], 0)  # the worker is gone, and its memory with it

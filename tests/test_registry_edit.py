@@ -147,7 +147,7 @@ def test_a_crash_between_writing_and_renaming_leaves_the_old_file(tmp_path: Path
     crash = textwrap.dedent(
         f"""
         import os, pathlib
-        from backends import registry_file
+        from backends.registry import file as registry_file
         registry_file.replace = lambda source, target: os._exit(3)  # the process dies with the new file written
         registry_file.RegistryFile(pathlib.Path({str(path)!r})).put("crash", {smol_entry("crash")!r}, None)
         """
