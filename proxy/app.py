@@ -83,7 +83,9 @@ class Services:
         metrics = Metrics()
         ray = RayCluster(settings.cluster.ray, settings.cluster.ray_deploy_timeout) if settings.cluster.ray else None
         workers = (
-            WorkerProcesses(settings.models.threads, settings.manager.unload_timeout)
+            WorkerProcesses(
+                settings.models.threads, settings.manager.unload_timeout, settings.manager.threads_follow_load
+            )
             if settings.manager.worker_processes and ray is None
             else None
         )

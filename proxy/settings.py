@@ -100,6 +100,11 @@ class ManagerSettings:
         "run each loaded local model in a worker process of its own, so that a crash in one ends that model, "
         "not the server; --no-worker-processes: in the server's process",
     )
+    threads_follow_load: bool = setting(
+        True,
+        "with worker processes: the models' CPU threads (--threads) leave out the cores other programs keep busy, "
+        "looked at every second",
+    )
     preload: tuple[str, ...] = setting((), "load this model at startup, repeatable", metavar="NAME")
     max_queue: int = setting(16, "requests that may wait per model beyond the running ones; more get 503")
     idle_unload: float = setting(

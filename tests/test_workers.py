@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -73,7 +75,8 @@ def client(server: RunningServer) -> openai.OpenAI:
 def two_model_server(tmp_path_factory: pytest.TempPathFactory, smol_checkpoint: Path) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("workers")
     path = write_registry(root / "model_registry.json", [smol_entry(), smol_hf_entry(SMOL_HF, smol_checkpoint)])
-    settings = Settings.of(threads=2, unload_timeout=5)
+    # The thread budget's shares are checked exactly: it does not follow what other programs on this machine use.
+    settings = Settings.of(threads=2, unload_timeout=5, threads_follow_load=False)
     with RunningServer(ModelRegistry.from_files([path]), settings) as server:
         load(server, SMOL)
         load(server, SMOL_HF)
@@ -254,3 +257,24 @@ def test_the_admin_page_shows_each_worker_and_where_the_weights_are(two_model_se
         assert f"worker pid {worker['pid']}" in page and "resident" in page
     buffers = row(server, SMOL)["loaded"]["weight_buffers"]
     assert f"weights: {', '.join(f'{k} {v}' for k, v in buffers.items())}" in page
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core for the busy loop and one for the model")
+def test_the_thread_budget_leaves_out_a_core_another_program_keeps_busy(tmp_path: Path) -> None:
+    """A plain busy loop pinned to one core: the GGUF model generating alone drops to the cores left free
+    (every core but that one), instead of stalling its thread pool on the busy core."""
+    path = write_registry(tmp_path / "model_registry.json", [smol_entry()])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, {0})
+        with RunningServer(ModelRegistry.from_files([path]), Settings.of(unload_timeout=5)) as server:
+            load(server, SMOL)
+            stream = StreamInThread(server.base_url, "alone", max_tokens=LONG, messages=WORDS, response_format=ENDLESS)
+            free = (os.cpu_count() or 1) - 1
+            wait_until(lambda: worker_of(server, SMOL)["threads"] == free, f"the model decodes with {free} threads")
+            wait_until(lambda: row(server, SMOL)["loaded"]["threads"] == free, "its engine took them")
+            httpx.post(f"{server.base_url}/admin/api/models/{SMOL}/unload", timeout=60)
+            stream.join()
+    finally:
+        busy.kill()
+        busy.wait()

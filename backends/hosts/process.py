@@ -48,11 +48,11 @@ LAST_WORDS = 5  # of those, in the message of its death
 GRACEFUL_S = 5.0  # how long an unload waits for the worker to end by itself before SIGTERM
 POLL_S = 0.05  # how often a generation waiting for its next chunk looks at its cancel flag
 LOG_LEVELS = {name: getattr(logging, name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
-# OpenMP threads that spin between parallel regions take a core from whoever else runs on it; a worker's pool
-# waits passively unless the operator says otherwise (measured in the README, "CPU threads").
 # Progress bars (transformers' loading, huggingface_hub's downloads) would only fill the log: the admin page
-# shows a load's progress.
-WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# shows a load's progress. OpenMP's wait policy is left to libgomp (it spins a while, then sleeps): PASSIVE made
+# llama.cpp's steps three times slower on a quiet machine (README, "CPU threads").
+WORKER_ENVIRONMENT = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+WATCH_INTERVAL_S = 1.0  # how often the CPU time other programs take is looked at
 
 
 class WorkerCrashedError(GenerationError):
@@ -139,15 +139,93 @@ class RemoteProgress(LoadProgress):
         self._owner._send_quietly(("cancel_load",))
 
 
+def _cpu_ticks() -> int | None:
+    """Busy CPU time of the whole machine, in clock ticks (Linux's /proc/stat), or None where it cannot be read."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq + steal
+
+
+def _process_ticks(pid: int) -> int:
+    """CPU time a process has used (all its threads), in clock ticks; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class ForeignLoad:
+    """How many cores other programs keep busy: the machine's busy time over an interval, less what this server
+    and its workers used in it. A thread that waits for a core another program holds stalls every thread of
+    its pool at each barrier (llama.cpp's OpenMP pool slows to a fraction of one thread's speed), so the thread
+    budget leaves those cores out."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int, dict[int, int]] | None = None
+
+    def sample(self, pids: list[int]) -> float | None:
+        """Cores busy with other programs since the last sample (None the first time, or off Linux)."""
+        machine = _cpu_ticks()
+        if machine is None:
+            return None
+        now = time.monotonic()
+        ours = {pid: _process_ticks(pid) for pid in pids}
+        last, self._last = self._last, (now, machine, ours)
+        if last is None or now <= last[0]:
+            return None
+        before_time, before_machine, before_ours = last
+        used_by_us = sum(ticks - before_ours.get(pid, ticks) for pid, ticks in ours.items())
+        ticks_per_second = os.sysconf("SC_CLK_TCK")
+        return max(machine - before_machine - used_by_us, 0) / ticks_per_second / (now - before_time)
+
+
 class WorkerProcesses:
     """The manager's model factory when every local model runs in its own process; and the CPU thread budget
-    those processes share."""
+    those processes share: ``--threads`` (every core by default), less the cores other programs keep busy."""
 
-    def __init__(self, threads: int = 0, unload_timeout: float = 30.0) -> None:
-        self.budget = threads if threads > 0 else os.cpu_count() or 1
+    def __init__(self, threads: int = 0, unload_timeout: float = 30.0, follow_load: bool = True) -> None:
+        self.configured = threads if threads > 0 else os.cpu_count() or 1
+        self.follow_load = follow_load  # leave out the cores other programs keep busy
+        self.budget = self.configured
         self.unload_timeout = unload_timeout
         self._models: set[WorkerProcessModel] = set()
         self._lock = threading.Lock()
+        self._watching = False
+
+    def free_cores(self, foreign: float) -> int:
+        """The budget while other programs keep ``foreign`` cores busy: a core counts as theirs once they use
+        40 % of it (a program sharing a core with one of our threads gets only about half of it), and at least one
+        is always ours."""
+        cores = os.cpu_count() or 1
+        taken = int(foreign + 0.6)
+        return max(min(self.configured, cores - taken), 1)
+
+    def _watch(self) -> None:
+        """Background thread, while workers run: follow the cores other programs leave free."""
+        load = ForeignLoad()
+        while True:
+            with self._lock:
+                pids = [m.pid for m in self._models if m.pid is not None]
+                if not pids:
+                    self._watching = False
+                    self.budget = self.configured
+                    return
+            foreign = load.sample([os.getpid(), *pids])
+            if foreign is not None:
+                budget = self.free_cores(foreign)
+                if budget != self.budget:
+                    logger.info(
+                        "CPU threads for the models: %d (other programs keep %.1f cores busy)", budget, foreign
+                    )
+                    self.budget = budget
+                    self.rebalance()
+            time.sleep(WATCH_INTERVAL_S)
 
     def model(self, spec: ModelSpec, options: LoadOptions) -> Model:
         from backends import backend_of, create_model
@@ -187,6 +265,10 @@ class WorkerProcesses:
     def joined(self, model: WorkerProcessModel) -> None:
         with self._lock:
             self._models.add(model)
+            start = self.follow_load and not self._watching
+            self._watching = self._watching or start
+        if start:
+            threading.Thread(target=self._watch, name="cpu-watch", daemon=True).start()
         self.rebalance()
 
     def left(self, model: WorkerProcessModel) -> None:
