@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import typing
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -24,7 +25,7 @@ import click
 import uvicorn
 
 from backends.errors import CredentialsError
-from backends.registry.entries import ModelRegistry, RegistryFileError, registry_sources
+from backends.registry.entries import OTHER_BACKENDS, ModelRegistry, RegistryFileError, registry_sources
 from backends.weights.credentials import huggingface_token, key_section
 from proxy.manager import ModelManager
 from proxy.security import RedactingFormatter, is_loopback
@@ -153,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check(registries: Sequence[Path]) -> int:
-    """Print every problem, entry by entry; 0 when there are no errors."""
+    """Print every problem, errors apart from warnings, entry by entry; 0 when there are no errors (warnings and
+    entries of backends this server does not run never fail a check: clembench runs such a file)."""
     sources = registry_sources(registries)
     errors = 0
     for source in sources:
@@ -163,13 +165,28 @@ def check(registries: Sequence[Path]) -> int:
             print(f"{exc}", file=sys.stdout)
             errors += 1
             continue
-        problems = [entry for entry in registry if entry.problems]
-        print(f"{source}: {len(registry)} entries, {sum(1 for e in registry if e.errors)} invalid")
-        for entry in problems:
-            print(f"  #{entry.index} {entry.name} ({entry.backend or 'no backend'}):")
-            for problem in entry.problems:
-                print(f"    {problem}")
-            errors += len(entry.errors)
+        invalid = [e for e in registry if e.errors]
+        served = [e for e in registry if e.is_served and not registry.is_shadowed(e)]
+        elsewhere = Counter(e.backend for e in registry if e.is_valid and e.not_served_reason)
+        shadowed = sum(1 for e in registry if registry.is_shadowed(e))
+        print(
+            f"{source}: {len(registry)} entries: {len(served)} served here, {sum(elsewhere.values())} of backends "
+            f"not served here, {len(invalid)} invalid, {shadowed} shadowed by an earlier entry of the same name"
+        )
+        for label in ("errors", "warnings"):
+            listed = [(e, e.errors if label == "errors" else e.warnings) for e in registry]
+            listed = [(e, problems) for e, problems in listed if problems]
+            if listed:
+                print(f"  {label}:")
+            for entry, problems in listed:
+                print(f"    #{entry.index} {entry.name} ({entry.backend or 'no backend'}):")
+                for problem in problems:
+                    print(f"      {problem}")
+        if elsewhere:
+            print("  not served here (valid entries; clembench runs them itself):")
+            for backend, count in sorted(elsewhere.items(), key=lambda item: str(item[0])):
+                print(f"    {backend}: {count} entries — {OTHER_BACKENDS.get(str(backend), 'unknown backend')}")
+        errors += sum(len(e.errors) for e in invalid)
     print("OK" if not errors else f"{errors} error(s)")
     return 0 if not errors else 1
 

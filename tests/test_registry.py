@@ -113,11 +113,15 @@ def test_clean_entries_have_no_problems() -> None:
     assert problems_of(smol_entry(parallel=8, kv_cache_size="16k")) == []
 
 
-def test_duplicate_names_in_one_file_are_an_error_and_the_first_wins() -> None:
+def test_duplicate_names_in_one_file_are_shadowed_with_a_warning_and_the_first_wins() -> None:
+    # clembench's rule: the first entry with a name wins; a later duplicate is shadowed, never blocks the file.
     registry = ModelRegistry.from_list([FLAT, dict(FLAT, huggingface_id="second/one")])
-    assert registry.entries[0].is_valid
-    assert ("error", "model_name") in [(p.severity, p.key) for p in registry.entries[1].problems]
+    assert registry.entries[0].is_valid and registry.entries[1].is_valid
+    assert [(p.severity, p.key, p.message) for p in registry.entries[1].problems] == [
+        ("warning", "model_name", "shadowed by entry 0, which has the same name and wins")
+    ]
     assert registry.lookup("flat") is registry.entries[0]
+    assert registry.is_shadowed(registry.entries[1]) and registry.served() == [registry.entries[0]]
 
 
 def test_non_object_entries_and_non_list_files(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import jinja2
 from backends.catalog import BACKENDS
 from backends.errors import InvalidModelEntryError, UnknownModelError, UnsupportedBackendError
 from backends.openai_compatible import is_base_url
+from backends.registry.keys import BY_KEY, unhonoured, unknown_keys
 from backends.spec import ModelSpec
 from backends.text.prompting import compile_template
 
@@ -34,24 +35,27 @@ REGISTRY_FILENAME = "model_registry.json"
 # Backends clemproxy runs; each class names the keys its entries require (clembench's registry documentation).
 SERVED_BACKENDS = frozenset(BACKENDS)
 
-# Backends clembench knows that talk to remote APIs or people; clembench registries
-# are full of them. They are valid entries that this server does not serve.
-CLEMBENCH_OTHER_BACKENDS = frozenset(
-    {
-        "openai",
-        "anthropic",
-        "cohere",
-        "google",
-        "mistral",
-        "alephalpha",
-        "huggingface_multimodal",
-        "vllm",
-        "slurk",
-        "openrouter",
-        "_player_human",
-        "_player_programmed",
-    }
-)
+# Backends clembench knows that clemproxy does not run, and why: remote APIs, people, programs, and backends
+# clemcore has since dropped. They are valid entries that this server does not serve, and never block the others.
+OTHER_BACKENDS: dict[str, str] = {
+    "openai": "a remote API (OpenAI's own): call it directly, or add an openai_compatible entry for it",
+    "azure": "a remote API (Azure OpenAI): call it directly, or add an openai_compatible entry for it",
+    "anthropic": "a remote API (Anthropic's)",
+    "cohere": "a remote API (Cohere's)",
+    "google": "a remote API (Google's)",
+    "mistral": "a remote API (Mistral's)",
+    "alephalpha": "a remote API (Aleph Alpha's)",
+    "openrouter": "a remote API (OpenRouter): add an openai_compatible entry with its base_url",
+    "huggingface_multimodal": (
+        "clemcore's former multimodal backend; current clemcore writes these as huggingface_local entries with "
+        "model_config.multimodal: true"
+    ),
+    "vllm": ("clemcore's former vLLM backend, since replaced by openai_compatible entries pointing at a vLLM server"),
+    "slurk": "a chat room with people (slurk), not a model",
+    "_player_human": "a person playing, not a model",
+    "_player_programmed": "a programmed player, not a model",
+}
+CLEMBENCH_OTHER_BACKENDS = frozenset(OTHER_BACKENDS)
 
 _GPU_CPU = ("gpu", "cpu")
 
@@ -77,6 +81,8 @@ def _is_layer_count(value: Any) -> bool:
 
 
 def _is_context_size(value: Any) -> bool:
+    if value is None or value == "":
+        return True  # clembench's "not known": the model's own length, capped by --context-size
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
@@ -101,12 +107,12 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eos_string": (_is_str, "a string"),
     "execute_on": (lambda v: v in _GPU_CPU, '"gpu" or "cpu"'),
     "gpu_layers_offloaded": (_is_layer_count, "an integer >= -1 (-1 means all layers)"),
-    "context_size": (_is_context_size, 'a positive integer or a size like "8k"'),
+    "context_size": (_is_context_size, 'a positive integer, a size like "8k", or "" (not known)'),
     "gguf_file": (_is_str, "a string (GGUF file name)"),
     "python_package": (_is_str, "a string (name of an installed Python distribution)"),
     "concurrency": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "parallel": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64, "an integer from 1 to 64"),
-    "kv_cache_size": (_is_context_size, 'a positive integer or a size like "16k"'),
+    "kv_cache_size": (lambda v: v not in (None, "") and _is_context_size(v), 'a positive integer or a size like "16k"'),
     "threads": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "repack_weights": (_is_bool, "true or false"),
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), '"float32", "bfloat16" or "float16"'),
@@ -114,6 +120,22 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     "model_id": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string (the name sent upstream)"),
     "base_url": (is_base_url, 'an http(s) URL such as "http://gpu-node:8000/v1"'),
+    # clemcore 3.7's huggingface_local keys (backends.registry.keys says what clemproxy does with each)
+    "trust_remote_code": (_is_bool, "true or false"),
+    "attn_implementation": (_is_str, 'a string such as "sdpa", "eager" or "flash_attention_2"'),
+    "load_in_8bit": (_is_bool, "true or false"),
+    "load_in_4bit": (_is_bool, "true or false"),
+    "peft_model": (lambda v: isinstance(v, str) and bool(v.strip()), "a string (hub repo id or local folder)"),
+    "padding_side": (lambda v: isinstance(v, str) and v.lower() in ("left", "right"), '"left" or "right"'),
+    "chat_template_kwargs": (lambda v: isinstance(v, dict), "an object of template variables"),
+    "chat_template_language": (_is_str, "a string (the name of one of the tokenizer's chat templates)"),
+    "multimodal": (_is_bool, "true or false"),
+    "cot_output": (_is_bool, "true or false"),
+    "cot_start_tag": (_is_str, "a string"),
+    "cot_end_tag": (_is_str, "a string (Python regular expression)"),
+    "cot_bypass": (_is_str, "a string (the prefilled start of the answer)"),
+    "cot_effort": (_is_str, 'a string such as "low", "medium" or "high"'),
+    "extra_body": (lambda v: isinstance(v, dict), "an object of request keys"),
     # Ray Serve (clemproxy serve --ray): replicas of a deployed model, fixed or autoscaled.
     "replicas": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "autoscaling": (
@@ -179,6 +201,13 @@ class RegistryEntry:
     def is_served(self) -> bool:
         """Valid, and for a backend this server runs."""
         return self.is_valid and self.backend in SERVED_BACKENDS
+
+    @property
+    def not_served_reason(self) -> str | None:
+        """Why a valid entry of a backend clembench knows is not served here; None for a served one."""
+        if self.backend in SERVED_BACKENDS or self.backend is None:
+            return None
+        return OTHER_BACKENDS.get(self.backend, "a backend clemproxy does not know")
 
 
 def flatten_entry(entry: Mapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
@@ -269,6 +298,8 @@ def validate_entry(flat: Mapping[str, Any]) -> list[Problem]:
                 "custom_chat_template",
             )
         )
+    if backend in SERVED_BACKENDS:
+        problems += key_notes(flat, backend)
     if "replicas" in flat and "autoscaling" in flat:
         problems.append(Problem("error", "set either replicas or autoscaling, not both", "replicas"))
     if "execute_on" in flat and "gpu_layers_offloaded" in flat:
@@ -278,6 +309,25 @@ def validate_entry(flat: Mapping[str, Any]) -> list[Problem]:
             )
         )
     return problems
+
+
+def key_notes(flat: Mapping[str, Any], backend: str) -> list[Problem]:
+    """Warnings for the keys of a served entry that do nothing here: clembench keys clemproxy does not honour,
+    keys of another backend, and keys nobody reads."""
+    notes = [Problem("warning", what, key) for key, what in unhonoured(flat, backend)]
+    for key in flat:
+        use = BY_KEY.get(key)
+        if use is not None and backend not in use.backends and key not in KEY_TYPES_SHARED:
+            notes.append(Problem("warning", f"read by clembench's {', '.join(use.backends)} backend only", key))
+    for key in unknown_keys(flat, [*KEY_TYPES, "lookup_source", "model_config"]):
+        notes.append(Problem("warning", "not a key clembench or clemproxy reads; ignored", key))
+    return notes
+
+
+# Keys of the key table that clemproxy reads on every backend it serves, whatever clembench does.
+KEY_TYPES_SHARED = frozenset(
+    {"bos_string", "eos_string", "chat_template_kwargs", "chat_template_language", "context_size"}
+)
 
 
 def parse_entries(data: Any, source: str) -> tuple[list[RegistryEntry], list[Problem]]:
@@ -298,11 +348,9 @@ def parse_entries(data: Any, source: str) -> tuple[list[RegistryEntry], list[Pro
         name = flat.get("model_name")
         if isinstance(name, str):
             if name in seen:
-                problems.append(
-                    Problem(
-                        "error", f"duplicate of entry {seen[name]} in the same file (the first one wins)", "model_name"
-                    )
-                )
+                # clembench's rule: the first entry with a name wins; a later one is shadowed, not an error.
+                shadowed = f"shadowed by entry {seen[name]}, which has the same name and wins"
+                problems.append(Problem("warning", shadowed, "model_name"))
             else:
                 seen[name] = index
         flat.setdefault("lookup_source", source)
@@ -427,7 +475,7 @@ class ModelRegistry:
         if entry.backend not in SERVED_BACKENDS:
             raise UnsupportedBackendError(
                 f"The model '{entry.name}' uses backend '{entry.backend}', which clemproxy does not serve "
-                f"(it serves: {', '.join(sorted(SERVED_BACKENDS))})"
+                f"({entry.not_served_reason}; it serves: {', '.join(sorted(SERVED_BACKENDS))})"
             )
         try:
             return selector.unify(entry.spec)
