@@ -16,12 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from backends.errors import ConstraintUnavailableError, ContextLengthExceededError, PromptRenderError
+from backends.errors import (
+    ConstraintUnavailableError,
+    ContextLengthExceededError,
+    InvalidModelEntryError,
+    PromptRenderError,
+)
 from backends.placement import PLACEMENT_KEYS, check_placement
 from backends.spec import ModelSpec, parse_context_size
 from backends.text.cleaning import OutputCleaner
 from backends.text.grammar import CompiledGrammar, GrammarCompiler, SequenceMatcher
-from backends.text.prompting import ChatTemplate
+from backends.text.prompting import ChatTemplate, choose_chat_template
 from backends.weights.progress import LoadProgress
 
 logger = logging.getLogger(__name__)
@@ -108,6 +113,9 @@ class GenerationParams:
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     tools: tuple[Mapping[str, Any], ...] = ()  # OpenAI's tool objects, for the prompt (``backends.text.tools``)
     grammar: str | None = None  # what the output must match, in llguidance's format (``backends.text.grammar``)
+    # The request's own registry entry, where it is a variant of the loaded one (``backends.registry.variants``):
+    # its template, template language and cleaning keys. Empty: the loaded entry's.
+    entry: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,10 @@ class Model(ABC):
     def __init__(self, spec: ModelSpec, options: LoadOptions | None = None) -> None:
         self.spec = spec
         self.options = options or LoadOptions()
-        self.chat_template: ChatTemplate | None = None
+        self.chat_template: ChatTemplate | None = None  # the loaded entry's; a variant's comes from template_for
+        self._own_templates: dict[str, str] = {}  # the model's own chat templates, "default" and any named ones
+        self._special_tokens = ("", "")  # the text of its BOS and EOS tokens, for templates
+        self._templates: dict[tuple[bool, str, str], ChatTemplate] = {}
         self.context_size: int = 0
         self.tokens_generated = 0  # over the model's lifetime, counted when each generation ends
         self._grammar: GrammarCompiler | None = None  # for this load; an unload sets it to None
@@ -261,11 +272,44 @@ class Model(ABC):
 
     def context_window(self, trained: int | None) -> int:
         """The context size to enforce: the entry's ``context_size`` (the operator's call), else the server
-        default, never more than the model was trained on."""
+        default, never more than the model was trained on. clembench writes ``""`` for a size it does not know:
+        that is the default too."""
         explicit = self.spec.get("context_size")
-        if explicit is not None:
+        if explicit is not None and explicit != "":
             return parse_context_size(explicit)
         return min(self.options.context_size, trained) if trained else self.options.context_size
+
+    def set_templates(self, own: Mapping[str, str], *, bos_token: str, eos_token: str) -> ChatTemplate:
+        """After a load: the model's own chat templates (``"default"`` and named ones) and its special-token
+        text; picks the loaded entry's template (``chat_template``) and returns it."""
+        self._own_templates = {name: text for name, text in own.items() if text}
+        self._special_tokens = (bos_token, eos_token)
+        self._templates = {}
+        self.chat_template = template = self.template_for(self.spec)
+        return template
+
+    def template_for(self, entry: Mapping[str, Any]) -> ChatTemplate:
+        """The chat template an entry asks for (``premade_chat_template``, ``custom_chat_template``,
+        ``chat_template_language``), built once per choice; a variant of the loaded entry may choose another."""
+        custom = str(entry.get("custom_chat_template") or "")
+        language = str(entry.get("chat_template_language") or "")
+        key = (bool(entry.get("premade_chat_template")), custom, language)
+        template = self._templates.get(key)
+        if template is None:
+            premade = self._own_templates.get(language or "default")
+            if language and premade is None and key[0]:
+                names = ", ".join(sorted(self._own_templates)) or "none"
+                raise InvalidModelEntryError(
+                    f"chat_template_language {language!r}: the model has no chat template of that name "
+                    f"(its templates: {names})"
+                )
+            bos, eos = self._special_tokens
+            template = self._templates[key] = choose_chat_template(entry, premade, bos_token=bos, eos_token=eos)
+        return template
+
+    def entry_of(self, params: GenerationParams) -> Mapping[str, Any]:
+        """The registry entry a request's prompt and cleaning follow: its own (a variant), else the loaded one."""
+        return params.entry or self.spec
 
     def special_token_text(self, found: str | None, registry_key: str) -> str:
         """BOS/EOS text for templates: the model's own token, else the entry's ``bos_string``/``eos_string``."""
@@ -283,10 +327,12 @@ class Model(ABC):
         messages: Sequence[Mapping[str, Any]],
         template_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] = (),
+        entry: Mapping[str, Any] | None = None,
     ) -> str:
         if self.chat_template is None:
             raise RuntimeError(f"{self.name} is not loaded")
-        return self.chat_template.render(messages, extra=template_kwargs, tools=tools)
+        template = self.template_for(entry) if entry else self.chat_template
+        return template.render(messages, extra=template_kwargs, tools=tools)
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The loaded model's vocabulary for constrained decoding, built on first use (about half a second) and
@@ -302,7 +348,8 @@ class Model(ABC):
 
     def prepare(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams) -> PreparedPrompt:
         """Render and tokenise the prompt and check it fits; raises ``ContextLengthExceededError``."""
-        return self.prepare_text(self.render_prompt(messages, params.template_kwargs, params.tools), params)
+        text = self.render_prompt(messages, params.template_kwargs, params.tools, params.entry)
+        return self.prepare_text(text, params)
 
     def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:
         """Tokenise a raw prompt (no chat template: legacy completions) and check it fits; compile its grammar."""
@@ -327,10 +374,11 @@ class Model(ABC):
         self, prompt: PreparedPrompt, params: GenerationParams, cancel: threading.Event, outcome: GenerationOutcome
     ) -> Iterator[str]:
         """Cleaned text deltas; their concatenation is the same whether read as a stream or whole."""
+        entry = self.entry_of(params)
         cleaner = OutputCleaner(
             stop=params.stop,
-            eos_to_cull=self.spec.get("eos_to_cull"),
-            output_split_prefix=self.spec.get("output_split_prefix"),
+            eos_to_cull=entry.get("eos_to_cull"),
+            output_split_prefix=entry.get("output_split_prefix"),
         )
         outcome.prompt_tokens = len(prompt.token_ids)
         pieces = self.generate_tokens(prompt, params, cancel, outcome)

@@ -220,9 +220,7 @@ class WorkerProcesses:
             if foreign is not None:
                 budget = self.free_cores(foreign)
                 if budget != self.budget:
-                    logger.info(
-                        "CPU threads for the models: %d (other programs keep %.1f cores busy)", budget, foreign
-                    )
+                    logger.info("CPU threads for the models: %d (other programs keep %.1f cores busy)", budget, foreign)
                     self.budget = budget
                     self.rebalance()
             time.sleep(WATCH_INTERVAL_S)
@@ -546,9 +544,12 @@ class WorkerProcessModel(Model):
         messages: Sequence[Mapping[str, Any]],
         template_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] = (),
+        entry: Mapping[str, Any] | None = None,
     ) -> str:
         """The worker's rendering of the messages (it holds the chat template)."""
-        params = GenerationParams(max_tokens=0, template_kwargs=dict(template_kwargs or {}), tools=tuple(tools))
+        params = GenerationParams(
+            max_tokens=0, template_kwargs=dict(template_kwargs or {}), tools=tuple(tools), entry=dict(entry or {})
+        )
         return self.prepare(messages, params).text
 
     def generate_tokens(

@@ -32,9 +32,9 @@ from backends.errors import ModelLoadError
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt, token_logprob
 from backends.placement import ALL_LAYERS, layers_on_gpu, requested_gpu_layers
 from backends.text.grammar import GrammarCompiler
-from backends.text.prompting import choose_chat_template, ensure_single_bos
+from backends.text.prompting import ensure_single_bos
 from backends.weights.convert_cache import ORIGIN, ConvertCache, Use, convert_gguf
-from backends.weights.files import ModelSource, find_model_source
+from backends.weights.files import ModelSource, find_adapter, find_model_source
 
 if TYPE_CHECKING:  # torch and transformers are imported when a model loads, not with the registry
     from backends.huggingface.engine import TransformersEngine
@@ -98,7 +98,43 @@ def partial_device_map(model_skeleton: Any, gpu_layers: int) -> dict[str, int | 
     return device_map
 
 
-def load_tokenizer(source: ModelSource, slow: bool) -> tuple[Any, list[str]]:
+def quantization_config(spec: Mapping[str, Any], placement: Placement, cuda: bool) -> Any:
+    """bitsandbytes' settings for ``load_in_8bit`` / ``load_in_4bit``, or None. They need the weights on a CUDA
+    GPU: anything else is a load error naming the key, never a silent full-precision load."""
+    keys = [key for key in ("load_in_8bit", "load_in_4bit") if spec.get(key)]
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise ModelLoadError("load_in_8bit and load_in_4bit are both set: choose one")
+    key = keys[0]
+    if placement.device != "cuda" or placement.gpu_layers != ALL_LAYERS:
+        where = "this machine has no CUDA GPU" if not cuda else "the entry places (some of) the model on the CPU"
+        raise ModelLoadError(
+            f"{key}: bitsandbytes quantisation needs every layer on a CUDA GPU, and {where}; remove {key} to load "
+            f"the model in {placement.dtype} (full precision, several times the memory)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"{key}: needs the bitsandbytes package (pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    config: Any = BitsAndBytesConfig
+    return config(**{key: True})
+
+
+def with_adapter(model: Any, adapter: Path, merge: bool) -> Any:
+    """The model with a PEFT (LoRA) adapter on top, merged into its weights where they are not quantised: a
+    merged model costs nothing per token and is a plain model to the engine."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelLoadError("peft_model: needs the peft package (pip install peft)") from None
+    wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    return wrapped.merge_and_unload() if merge else wrapped
+
+
+def load_tokenizer(source: ModelSource, slow: bool, trust_remote_code: bool = False) -> tuple[Any, list[str]]:
     """The checkpoint's tokenizer, and warnings an operator should see.
 
     transformers 5 has no ``use_fast=False``: every tokenizer is built on the ``tokenizers`` library, except
@@ -116,7 +152,10 @@ def load_tokenizer(source: ModelSource, slow: bool) -> tuple[Any, list[str]]:
             return SentencePieceBackend.from_pretrained(str(source.directory), local_files_only=True), []
         except ImportError:
             warnings.append("slow_tokenizer is set, but the sentencepiece package is missing: using the fast tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file, local_files_only=True)
+    code = {"trust_remote_code": True} if trust_remote_code else {}
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source.directory), gguf_file=source.gguf_file, local_files_only=True, **code
+    )
     if slow and not warnings and not _is_python_tokenizer(tokenizer):
         kind = "a GGUF checkpoint" if source.gguf_file else "this checkpoint (it has no SentencePiece tokenizer.model)"
         warnings.append(
@@ -215,6 +254,14 @@ class HuggingfaceLocalModel(Model):
         source = find_model_source(self.spec, progress=self.progress)
         cuda = torch.cuda.is_available()
         placement = choose_placement(self.spec, cuda, cuda and torch.cuda.is_bf16_supported())
+        quantization = quantization_config(self.spec, placement, cuda)  # refused before anything is fetched
+        adapter = find_adapter(self.spec, self.progress) if self.spec.get("peft_model") else None
+        code = {"trust_remote_code": True} if self.spec.get("trust_remote_code") else {}
+        weight_arguments: dict[str, Any] = dict(code)
+        if self.spec.get("attn_implementation"):
+            weight_arguments["attn_implementation"] = str(self.spec["attn_implementation"])
+        if quantization is not None:
+            weight_arguments["quantization_config"] = quantization
         gguf_path = source.directory / source.gguf_file if source.gguf_file else None
         if gguf_path is not None and (root := self.options.convert_cache_root()) is not None:
             source = self._converted(
@@ -225,9 +272,9 @@ class HuggingfaceLocalModel(Model):
         gguf = " from GGUF" if source.gguf_file else ""
         try:
             self.progress.enter(f"reading the tokenizer{gguf}")
-            tokenizer, warnings = load_tokenizer(source, bool(self.spec.get("slow_tokenizer")))
+            tokenizer, warnings = load_tokenizer(source, bool(self.spec.get("slow_tokenizer")), **code)
             config = AutoConfig.from_pretrained(
-                str(source.directory), gguf_file=source.gguf_file, local_files_only=True
+                str(source.directory), gguf_file=source.gguf_file, local_files_only=True, **code
             )
             device_map = self._device_map(config, placement)
             self.progress.enter("dequantising the GGUF weights" if source.gguf_file else "reading weights")
@@ -239,7 +286,10 @@ class HuggingfaceLocalModel(Model):
                     dtype=getattr(torch, placement.dtype),
                     device_map=device_map,
                     local_files_only=True,
+                    **weight_arguments,
                 )
+                if adapter is not None:
+                    model = with_adapter(model, adapter, merge=quantization is None)
                 return model, tune_small_batch_linears(model)
 
             model, kernels = on_a_thread_that_ends(load_weights)
@@ -254,14 +304,13 @@ class HuggingfaceLocalModel(Model):
             logger.warning("%s: %s", self.name, warning)
 
         self.context_size = self.context_window(getattr(config, "max_position_embeddings", None))
-        self.chat_template = choose_chat_template(
-            self.spec,
-            self._premade_template(tokenizer),
+        template = self.set_templates(
+            self._own_chat_templates(tokenizer),
             bos_token=self.special_token_text(tokenizer.bos_token, "bos_string"),
             eos_token=self.special_token_text(tokenizer.eos_token, "eos_string"),
         )
-        if self.chat_template.warning:
-            warnings.append(self.chat_template.warning)
+        if template.warning:
+            warnings.append(template.warning)
         self._eos_ids = self._end_of_sequence_ids(model, tokenizer)
         self._adds_bos = self._tokenizer_adds_bos(tokenizer)
         # transformers 5 renames the KV-cache argument and output from past_key_values to cache, model by model.
@@ -299,10 +348,13 @@ class HuggingfaceLocalModel(Model):
             "tokenizer": type(tokenizer).__name__,
             "context_size": self.context_size,
             "context_size_trained": getattr(config, "max_position_embeddings", None),
-            "chat_template": self.chat_template.origin,
+            "chat_template": template.origin,
             "batching": "engine" if self._engine is not None else "one request at a time",
             # weight shape: the row counts computed as W @ x.T (backends.huggingface.cpu_linear)
             "small_batch_kernels": kernels,
+            "adapter": str(adapter) if adapter is not None else None,  # a LoRA adapter, merged into the weights
+            "quantization": next((k for k in ("load_in_8bit", "load_in_4bit") if self.spec.get(k)), None),
+            "trust_remote_code": bool(code),
             "warnings": warnings,
         }
         logger.info(
@@ -310,7 +362,7 @@ class HuggingfaceLocalModel(Model):
             self.name,
             self._info["device"],
             self._info["dtype"],
-            self.chat_template.origin,
+            template.origin,
             self.context_size,
             f"{slots} slots" if self._engine is not None else "unbatched",
         )
@@ -331,12 +383,13 @@ class HuggingfaceLocalModel(Model):
         return partial_device_map(skeleton, placement.gpu_layers)
 
     @staticmethod
-    def _premade_template(tokenizer: Any) -> str | None:
-        """The tokenizer's chat template; of several named ones (tool use, RAG...), the default."""
+    def _own_chat_templates(tokenizer: Any) -> dict[str, str]:
+        """The tokenizer's chat templates: ``"default"``, and named ones (tool use, RAG, a language's...) where it
+        has several, which ``chat_template_language`` picks from."""
         template = tokenizer.chat_template
         if isinstance(template, dict):
-            template = template.get("default")
-        return template if isinstance(template, str) else None
+            return {str(name): text for name, text in template.items() if isinstance(text, str)}
+        return {"default": template} if isinstance(template, str) else {}
 
     @staticmethod
     def _device_summary(model: Any) -> str:

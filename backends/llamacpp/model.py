@@ -20,7 +20,7 @@ from backends.model import GenerationOutcome, GenerationParams, Model, PreparedP
 from backends.placement import layers_on_gpu, requested_gpu_layers
 from backends.spec import parse_context_size
 from backends.text.grammar import GrammarCompiler
-from backends.text.prompting import choose_chat_template, ensure_single_bos
+from backends.text.prompting import ensure_single_bos
 from backends.weights.files import find_weight_files
 
 logger = logging.getLogger(__name__)
@@ -153,13 +153,18 @@ class LlamaCppModel(Model):
         self.context_size = self.context_window(n_ctx_train)
         slots = self.slots_of(self.spec, self.options)
         kv_size = parse_context_size(self.spec["kv_cache_size"]) if "kv_cache_size" in self.spec else None
+        if kv_size is None:
+            # Every slot can hold a whole context, up to the server's --context-size per slot: an entry with a
+            # long window (clembench writes "128k" for many) gets one full-length dialogue, or several short
+            # ones, rather than slots x 128k tokens of cache allocated up front.
+            kv_size = min(slots * self.context_size, max(self.context_size, slots * self.options.context_size))
         try:
             engine = LlamaCppEngine(
                 model.model,
                 model.vocab,
                 name=self.name,
                 slots=slots,
-                kv_size=kv_size or slots * self.context_size,  # every slot can hold a whole context
+                kv_size=kv_size,
                 n_batch=N_BATCH,
                 threads=self.options.llama_threads(),
             )
@@ -170,11 +175,12 @@ class LlamaCppModel(Model):
         metadata = model.metadata()
         bos_token = self.special_token_text(self._token_text(model, metadata, "bos"), "bos_string")
         eos_token = self.special_token_text(self._token_text(model, metadata, "eos"), "eos_string")
-        self.chat_template = choose_chat_template(
-            self.spec, metadata.get("tokenizer.chat_template"), bos_token=bos_token, eos_token=eos_token
-        )
-        if self.chat_template.warning:
-            warnings.append(self.chat_template.warning)
+        own = {"default": metadata.get("tokenizer.chat_template", "")}  # and named ones (tool_use, rag, ...)
+        prefix = "tokenizer.chat_template."
+        own.update({key.removeprefix(prefix): value for key, value in metadata.items() if key.startswith(prefix)})
+        template = self.set_templates(own, bos_token=bos_token, eos_token=eos_token)
+        if template.warning:
+            warnings.append(template.warning)
         architecture = metadata.get("general.architecture", "")
         n_layers = int(metadata.get(f"{architecture}.block_count", 0) or 0)
         self._model, self._engine = model, engine
@@ -183,7 +189,7 @@ class LlamaCppModel(Model):
             "weights_from": files.origin,
             "context_size": self.context_size,
             "context_size_trained": n_ctx_train,
-            "chat_template": self.chat_template.origin,
+            "chat_template": template.origin,
             "gpu_available": gpu,  # a GPU build of llama.cpp
             "gpu_layers_requested": n_gpu_layers,
             # llama.cpp offloads the repeating layers plus the output layer: n_layers + 1 in all.
@@ -200,7 +206,7 @@ class LlamaCppModel(Model):
         logger.info(
             "%s: loaded (%s template, context %d, %d slots sharing %d cached tokens, %d threads)",
             self.name,
-            self.chat_template.origin,
+            template.origin,
             self.context_size,
             slots,
             engine.kv_size,

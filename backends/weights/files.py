@@ -145,7 +145,7 @@ def find_model_source(spec: Mapping[str, Any], progress: LoadProgress | None = N
     if listing is None:
         snapshot = _cached_snapshot(repo_id, ["*"], token, "a checkpoint with config.json")
         return ModelSource(_checkpoint_directory(snapshot, f"The cached copy of {repo_id}"), None, f"hub:{repo_id}")
-    wanted = checkpoint_files(listing, repo_id)
+    wanted = checkpoint_files(listing, repo_id, code=bool(spec.get("trust_remote_code")))
     from huggingface_hub import snapshot_download
 
     logger.info("downloading %d files of %s (unless cached)", len(wanted), repo_id)
@@ -159,19 +159,50 @@ def find_model_source(spec: Mapping[str, Any], progress: LoadProgress | None = N
     return ModelSource(_checkpoint_directory(snapshot, f"The download of {repo_id}"), None, f"hub:{repo_id}")
 
 
-def checkpoint_files(listing: Iterable[str], repo_id: str) -> list[str]:
-    """The top-level files of a hub repo that a transformers checkpoint needs: safetensors if any, else .bin."""
+def checkpoint_files(listing: Iterable[str], repo_id: str, code: bool = False) -> list[str]:
+    """The top-level files of a hub repo that a transformers checkpoint needs: safetensors if any, else .bin;
+    with ``code`` (``trust_remote_code``) the repo's Python modules too."""
     top = [f for f in listing if "/" not in f]
     if "config.json" not in top:
         raise ModelLoadError(f"Hugging Face repo {repo_id} has no config.json: it is not a transformers checkpoint")
     for suffix, index in ((".safetensors", "model.safetensors.index.json"), (".bin", "pytorch_model.bin.index.json")):
         weights = [f for f in top if f.endswith(suffix)]
         if weights:
-            return sorted(f for f in top if f in TRANSFORMERS_FILES or f == index) + sorted(weights)
+            wanted = sorted(f for f in top if f in TRANSFORMERS_FILES or f == index or (code and f.endswith(".py")))
+            # A tokenizer's named chat templates (chat_template_language picks one) live in a folder of their own.
+            named = sorted(f for f in listing if f.startswith("additional_chat_templates/") and f.endswith(".jinja"))
+            return wanted + named + sorted(weights)
     raise ModelLoadError(
         f"Hugging Face repo {repo_id} has no .safetensors or .bin weights at its top level"
         " (for a GGUF-only repo, set gguf_file)"
     )
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def find_adapter(spec: Mapping[str, Any], progress: LoadProgress | None = None) -> Path:
+    """The local folder of an entry's ``peft_model`` (a LoRA adapter): a folder (relative to the registry
+    file's), or a hub repo downloaded unless cached; offline, only the cache is read."""
+    adapter = str(spec["peft_model"])
+    candidate = registry_dir(spec) / Path(adapter).expanduser()
+    if adapter.startswith(_PATH_PREFIXES) or candidate.is_dir():
+        directory = candidate.resolve()
+        if not (directory / "adapter_config.json").is_file():
+            raise ModelLoadError(f"peft_model: the folder {directory} has no adapter_config.json")
+        return directory
+    token = _hub_token(spec)
+    listing = _hub_listing(adapter, token)
+    if listing is None:
+        return _cached_snapshot(adapter, list(ADAPTER_FILES), token, "the adapter (peft_model)")
+    if "adapter_config.json" not in listing:
+        raise ModelLoadError(f"peft_model: Hugging Face repo {adapter} has no adapter_config.json")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(adapter, allow_patterns=list(ADAPTER_FILES), token=token))
+    except Exception as exc:
+        raise ModelLoadError(f"peft_model: downloading {adapter} failed: {type(exc).__name__}: {exc}") from None
 
 
 def _checkpoint_directory(directory: Path, what: str) -> Path:
