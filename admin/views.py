@@ -112,9 +112,40 @@ def decorate(view: dict[str, Any], spec: Any, now: float) -> dict[str, Any]:
         worker_text=worker_text((view.get("loaded") or {}).get("worker")),
         buffers_text=buffers_text(view.get("loaded")),
         charts=charts(view.get("series") or []),
+        about_text=about_text(view.get("about") or {}),
+        filter_text=filter_text(view),
         **engine_texts(view.get("loaded")),
     )
     return view
+
+
+def about_text(about: dict[str, Any]) -> str:
+    """The entry's descriptive keys, as one line: parameters, context, licence, languages, release date."""
+    parts = []
+    if about.get("parameters"):
+        parts.append(f"{about['parameters']} parameters")
+    if about.get("context_size"):
+        parts.append(f"{about['context_size']} context")
+    licence = about.get("license")
+    if isinstance(licence, dict):
+        licence = licence.get("name")
+    if licence:
+        parts.append(str(licence))
+    languages = about.get("languages")
+    if isinstance(languages, list) and languages:
+        parts.append(", ".join(str(language) for language in languages))
+    if about.get("release_date"):
+        parts.append(f"released {about['release_date']}")
+    if about.get("open_weight") is False:
+        parts.append("closed weights")
+    return " · ".join(parts)
+
+
+def filter_text(view: dict[str, Any]) -> str:
+    """What the filter box matches a row on: names, backend, weights and what the entry says about the model."""
+    words = [view["name"], view.get("backend") or "", view.get("huggingface_id") or "", view.get("file") or ""]
+    words += [about_text(view.get("about") or {}), *view.get("shares_with", [])]
+    return " ".join(words).lower()
 
 
 CHARTS = (
@@ -221,10 +252,14 @@ def page_context(
     now = time.time()
     shown = []
     for entry in registry:
-        if query and query.lower() not in f"{entry.name} {entry.backend}".lower():
+        view = decorate(
+            entry_view(registry, entry, manager.existing_slot(entry.name), remote_view(entry, upstreams)),
+            entry.spec,
+            now,
+        )
+        if query and not all(word in view["filter_text"] for word in query.lower().split()):
             continue
-        view = entry_view(registry, entry, manager.existing_slot(entry.name), remote_view(entry, upstreams))
-        shown.append(decorate(view, entry.spec, now))
+        shown.append(view)
     return {"models": shown, "query": query, "summary": summary_context(registry, manager), "total": len(registry)}
 
 

@@ -23,6 +23,7 @@ from litestar.params import FromPath
 from backends import ModelRegistry, RegistryEntry, RegistryFileError
 from backends.placement import PLACEMENT_KEYS, requested_gpu_layers
 from backends.registry.file import RegistryEditError, RegistryFile
+from backends.registry.keys import DESCRIPTIVE_KEYS, unhonoured
 from backends.weights.convert_cache import ConversionInUse, ConvertCache
 from proxy.errors import APIError
 from proxy.manager import ModelManager, ModelSlot
@@ -59,10 +60,19 @@ def entry_view(
         "errors": [str(p) for p in entry.errors],
         "warnings": [str(p) for p in entry.warnings],
         "placement": {key: spec[key] for key in PLACEMENT_KEYS if key in spec},
+        "about": {key: spec[key] for key in DESCRIPTIVE_KEYS if spec.get(key) not in (None, "")},
+        "not_honoured": [{"key": key, "what": what} for key, what in unhonoured(spec, entry.backend)],
+        "trust_remote_code": bool(spec.get("trust_remote_code")),
+        "multimodal": bool(spec.get("multimodal")),
+        "adapter": spec.get("peft_model"),
         "placement_default_gpu_layers": requested_gpu_layers(spec, gpu_available=True),
     }
     if slot is not None and not view["shadowed"]:
         view.update(slot.describe())
+        # Entries sharing this one's loaded model (variants): a load or unload of one is a load or unload of all.
+        view["shares_with"] = sorted(name for name in slot.variants if name != entry.name)
+        if entry.name not in slot.variants:  # a variant not asked for yet, over a model another entry loaded
+            view["shares_with"] = sorted(slot.variants)
         ray = (view.get("loaded") or {}).get("ray")
         if ray:  # deployed on a Ray cluster: each replica's node, state and requests
             view["replicas"] = ray["replicas"]

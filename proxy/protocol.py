@@ -261,6 +261,13 @@ class ModelCard(Struct):
     created: int
     owned_by: str
     object: Literal["model"] = "model"
+    # What the registry entry says about the model (clembench's descriptive keys); OpenAI clients ignore them.
+    release_date: Any | UnsetType = UNSET
+    open_weight: Any | UnsetType = UNSET
+    parameters: Any | UnsetType = UNSET
+    languages: Any | UnsetType = UNSET
+    license: Any | UnsetType = UNSET
+    context_size: Any | UnsetType = UNSET
 
 
 class ModelList(Struct):

@@ -12,7 +12,8 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from backends import ModelRegistry
+from backends import ModelRegistry, RegistryEntry
+from backends.registry.keys import DESCRIPTIVE_KEYS
 from proxy.chat import ChatCompletionService
 from proxy.completions import CompletionService
 from proxy.errors import APIError, from_decode_error
@@ -97,8 +98,10 @@ async def answer(
     return await cancel_on_disconnect(request, service.complete(completion_request))
 
 
-def model_card(name: str, created: int) -> ModelCard:
-    return ModelCard(id=name, created=created, owned_by="clemproxy")
+def model_card(entry: RegistryEntry, created: int) -> ModelCard:
+    """An entry as ``/v1/models`` lists it, with the descriptive keys it has (release date, licence...)."""
+    about = {key: entry.spec[key] for key in DESCRIPTIVE_KEYS if entry.spec.get(key) not in (None, "")}
+    return ModelCard(id=entry.name, created=created, owned_by="clemproxy", **about)
 
 
 class OpenAIController(Controller):
@@ -127,14 +130,15 @@ class OpenAIController(Controller):
     async def list_models(
         self, registry: NamedDependency[ModelRegistry], started_at: NamedDependency[float]
     ) -> ModelList:
-        return ModelList(data=[model_card(entry.name, int(started_at)) for entry in registry.served()])
+        return ModelList(data=[model_card(entry, int(started_at)) for entry in registry.served()])
 
     @get("/models/{model_id:path}")
     async def retrieve_model(
         self, registry: NamedDependency[ModelRegistry], started_at: NamedDependency[float], model_id: FromPath[str]
     ) -> ModelCard:
         name = model_id.lstrip("/")
-        if not any(entry.name == name for entry in registry.served()):
+        served = next((entry for entry in registry.served() if entry.name == name), None)
+        if served is None:
             registry.lookup(name)  # 404 model_not_found for unknown names
             raise APIError(
                 404,
@@ -143,7 +147,7 @@ class OpenAIController(Controller):
                 param="model",
                 code="model_not_found",
             )
-        return model_card(name, int(started_at))
+        return model_card(served, int(started_at))
 
 
 class HealthController(Controller):

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from backends import BackendError, GenerationOutcome, GenerationParams, Model, PreparedPrompt
 from backends.model import TokenLogprob
+from backends.registry.variants import request_entry, template_arguments
 from proxy.errors import APIError
 from proxy.generation import generate_text
 from proxy.limits import NO_LIMITS, RequestLimits
@@ -68,7 +69,9 @@ def generation_params(
     template_kwargs: Mapping[str, Any] | None = None,
 ) -> GenerationParams:
     """A request's settings as the backends take them. Temperature and top_p the request leaves out come from
-    the registry entry, else ``GenerationParams``' own defaults (OpenAI's)."""
+    the registry entry, else ``GenerationParams``' own defaults (OpenAI's). The entry's per-request keys go
+    along (its template, cleaning...), so that a variant sharing another entry's load prompts as its own; its
+    ``chat_template_kwargs`` are defaults the request's own override."""
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
     sampling: dict[str, Any] = {}
     for key in ("temperature", "top_p"):
@@ -84,7 +87,8 @@ def generation_params(
         top_logprobs=top_logprobs,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
-        template_kwargs=dict(template_kwargs or {}),
+        template_kwargs=template_arguments(spec, template_kwargs),
+        entry=request_entry(spec),
         **sampling,
     )
 
@@ -254,7 +258,7 @@ class OpenAIServing(ABC, Generic[RequestT, InputT, ResponseT]):
 
     def _validated(self, request: RequestT) -> tuple[GenerationParams, InputT]:
         # Request errors first: a bad request never makes the server load a model.
-        return self.parameters(request, self.manager.slot(request.model).spec)
+        return self.parameters(request, self.manager.entry_spec(request.model))
 
     async def _choices(
         self, model: Model, request: RequestT, params: GenerationParams, inputs: InputT

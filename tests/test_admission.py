@@ -21,8 +21,9 @@ PARAMS = GenerationParams(max_tokens=3, temperature=0)
 
 
 def manager_with(fakes: FakeModels, **settings: Any) -> ModelManager:
+    # Three models, not variants of one (which would share a load): each entry names a repo of its own.
     registry = ModelRegistry.from_list(
-        [smol_entry(A, parallel=1), smol_entry(B, parallel=1), smol_entry("pair", parallel=2)]
+        [smol_entry(name, parallel=p, huggingface_id=f"fake/{name}") for name, p in ((A, 1), (B, 1), ("pair", 2))]
     )
     return ModelManager(registry, LoadOptions(), fakes, ManagerSettings(**settings))
 

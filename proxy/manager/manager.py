@@ -19,6 +19,7 @@ from typing import Any
 
 from backends import BackendError, LoadOptions, Model, ModelLoadError, ModelRegistry, ModelSpec, backend_of
 from backends import create_model as default_factory
+from backends.registry.variants import load_key
 from proxy.manager.errors import (
     ManagerError,
     ModelNotLoadedError,
@@ -38,13 +39,10 @@ logger = logging.getLogger(__name__)
 CRASH_LIMIT = 3
 CRASH_WINDOW_S = 300.0
 
-# Keys a request reads from its model's entry, rather than a load: an edit of only these applies at once.
-REQUEST_KEYS = frozenset({"temperature", "top_p", "eos_to_cull", "output_split_prefix"})
-
 
 def only_request_keys_differ(old: ModelSpec, new: ModelSpec) -> bool:
-    keys = set(old) | set(new)
-    return all(old.get(k) == new.get(k) for k in keys - REQUEST_KEYS)
+    """Whether two versions of an entry load the same model (an edit of only per-request keys applies at once)."""
+    return load_key(old) == load_key(new)
 
 
 ModelFactory = Callable[[ModelSpec, LoadOptions], Model]
@@ -92,7 +90,7 @@ class ModelManager:
         self._factory = factory
         self._slots: dict[str, ModelSlot] = {}
         self.residency = Residency(
-            self.settings.max_loaded, self.settings.max_memory, self._slots.values, self._evict_if_idle
+            self.settings.max_loaded, self.settings.max_memory, self.distinct_slots, self._evict_if_idle
         )
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()  # referenced until done, so they are not collected
@@ -119,21 +117,53 @@ class ModelManager:
     # --- views ---------------------------------------------------------------------------------------
 
     def slot(self, name: str) -> ModelSlot:
-        """The slot of a servable registry name; ``UnknownModelError`` or ``InvalidModelEntryError`` otherwise."""
+        """The slot of a servable registry name; ``UnknownModelError`` or ``InvalidModelEntryError`` otherwise.
+        Entries that load the same model (variants: ``backends.registry.variants``) share one slot."""
         slot = self._slots.get(name)
         if slot is not None and slot.entry_deleted:
             self.registry.resolve(name)  # 404: its model serves only the requests it had when it was deleted
         if slot is None:  # a name resolved once stays resolved until its entry is edited (registry_changed)
             spec = self.registry.resolve(name)
+            remote = backend_of(spec).remote
+            key = load_key(spec, remote)
+            shared = next(
+                (s for s in self.distinct_slots() if s.key == key and not (s.entry_changed or s.entry_deleted)), None
+            )
+            if shared is not None:
+                shared.variants[name] = spec
+                slot = self._slots[name] = shared
+                logger.info("%s: shares the load of %s (same weights and load keys)", name, shared.name)
+                return slot
             concurrency = self._concurrency(spec, self.options) if self._concurrency is not None else None
-            slot = self._slots[name] = ModelSlot(name, spec, self.options, self.settings.max_queue, concurrency)
+            slot = self._slots[name] = ModelSlot(
+                name, spec, self.options, self.settings.max_queue, concurrency, key=key
+            )
         return slot
 
+    def entry_spec(self, name: str) -> ModelSpec:
+        """The registry entry a request for ``name`` follows: its own, also where it shares another's load."""
+        slot = self.slot(name)
+        return slot.variants.get(name, slot.spec)
+
     def slots(self) -> list[tuple[str, ModelSlot]]:
+        """Every name in use with its slot; variants of one model appear once each, with the same slot."""
         return list(self._slots.items())
 
+    def distinct_slots(self) -> list[ModelSlot]:
+        """Every slot once, however many names share it."""
+        return list({id(slot): slot for slot in self._slots.values()}.values())
+
     def existing_slot(self, name: str) -> ModelSlot | None:
-        return self._slots.get(name)
+        """The slot a name uses, or would share (a variant not asked for yet); creates nothing."""
+        slot = self._slots.get(name)
+        if slot is not None:
+            return slot
+        try:
+            spec = self.registry.resolve(name)
+        except BackendError:
+            return None
+        key = load_key(spec, backend_of(spec).remote)
+        return next((s for s in self.distinct_slots() if s.key == key and not s.entry_changed), None)
 
     def loaded(self, name: str) -> Model | None:
         """The model loaded for a registry name, if any; loads nothing."""
@@ -144,7 +174,7 @@ class ModelManager:
         return [name for name, slot in self._slots.items() if slot.is_loaded and not slot.remote]
 
     def loaded_bytes(self) -> int:
-        return sum(slot.model_bytes for slot in self._slots.values() if slot.is_loaded)
+        return sum(slot.model_bytes for slot in self.distinct_slots() if slot.is_loaded)
 
     # --- requests ------------------------------------------------------------------------------------
 
@@ -426,31 +456,47 @@ class ModelManager:
     async def registry_changed(self) -> None:
         """After the registry was edited and reloaded: serve each name by its new entry at once where nothing is
         loaded, or where only request-time keys changed; mark a loaded model whose loading keys changed
-        (``entry_changed``: a reload applies the edit); unload a deleted entry's model once its requests end."""
+        (``entry_changed``: a reload applies the edit); unload a deleted entry's model once its requests end.
+        A variant sharing its model with other names only leaves it (its next request finds its own)."""
         for name, slot in list(self._slots.items()):
             try:
                 spec = self.registry.resolve(name)
             except BackendError:  # deleted, or no longer valid: nothing new may reach it
                 spec = None
-            if spec == slot.spec:
+            old = slot.variants.get(name, slot.spec)
+            if spec == old:
                 continue
-            if not slot.is_loaded and slot.state != ModelState.LOADING:
+            if spec is not None and only_request_keys_differ(old, spec):
+                slot.variants[name] = spec
+                if name == slot.name:
+                    slot.spec = spec
+                    if slot.model is not None:
+                        slot.model.spec = ModelSpec.from_dict({**spec.to_dict(), **slot.override})
+            elif len(slot.variants) > 1:
+                self._detach(name, slot)
+            elif not slot.is_loaded and slot.state != ModelState.LOADING:
                 self._forget(name, slot)
             elif spec is None:
                 slot.entry_deleted = True
                 self._spawn(self._unload_deleted(name, slot))
-            elif only_request_keys_differ(slot.spec, spec):
-                slot.spec = spec
-                if slot.model is not None:
-                    slot.model.spec = ModelSpec.from_dict({**spec.to_dict(), **slot.override})
             else:
                 slot.entry_changed = True
         await self.residency.notify()
 
+    def _detach(self, name: str, slot: ModelSlot) -> None:
+        """A variant's name leaves the model it shared with others, which keeps serving them."""
+        slot.variants.pop(name, None)
+        if self._slots.get(name) is slot:
+            del self._slots[name]
+        if name == slot.name and slot.variants:
+            slot.name = next(iter(slot.variants))  # its requests, logs and metrics go by a name still in use
+
     def _forget(self, name: str, slot: ModelSlot) -> None:
         """Drop a slot, so that the name's next use builds one from its current entry."""
         if self._slots.get(name) is slot and not slot.queue.busy:
-            del self._slots[name]
+            for variant in list(slot.variants):
+                if self._slots.get(variant) is slot:
+                    del self._slots[variant]
 
     async def _unload_deleted(self, name: str, slot: ModelSlot) -> None:
         await self._unload(slot, self.settings.unload_timeout)
@@ -466,7 +512,7 @@ class ModelManager:
         now = time.time() if now is None else now
         expired = [
             s
-            for s in self._slots.values()
+            for s in self.distinct_slots()
             if s.state == ModelState.LOADED
             and not s.remote
             and not s.queue.busy
@@ -480,7 +526,7 @@ class ModelManager:
     def sample(self, now: float | None = None) -> None:
         """One point of every loaded model's recent statistics (the admin page's charts)."""
         now = time.time() if now is None else now
-        for slot in self._slots.values():
+        for slot in self.distinct_slots():
             if slot.is_loaded:
                 slot.stats.sample(now, slot.queue.queued)
 
@@ -504,10 +550,10 @@ class ModelManager:
         """Graceful shutdown: refuse new requests (503), let running ones finish for up to ``timeout`` seconds,
         then end the rest with a clear error. Queued requests are refused at once."""
         self._closing = True
-        for slot in self._slots.values():
+        for slot in self.distinct_slots():
             async with slot.changed:
                 slot.changed.notify_all()  # queued requests see the server closing
-        serving = [slot for slot in self._slots.values() if slot.queue.running]
+        serving = [slot for slot in self.distinct_slots() if slot.queue.running]
         logger.info("draining: %d models serving, waiting up to %.0f s", len(serving), timeout)
         deadline = time.monotonic() + timeout
         for slot in serving:
@@ -517,7 +563,7 @@ class ModelManager:
     async def close(self) -> None:
         """Unload everything (server shutdown)."""
         self._closing = True
-        for slot in list(self._slots.values()):
+        for slot in self.distinct_slots():
             try:
                 await self._unload(slot, timeout=0)
             except Exception:

@@ -58,10 +58,18 @@ class Statistics:
 
 class ModelSlot:
     def __init__(
-        self, name: str, spec: ModelSpec, options: LoadOptions, max_queue: int, concurrency: int | None = None
+        self,
+        name: str,
+        spec: ModelSpec,
+        options: LoadOptions,
+        max_queue: int,
+        concurrency: int | None = None,
+        key: str = "",
     ) -> None:
-        self.name = name
-        self.spec = spec
+        self.name = name  # the first entry that used it; its variants share it (``variants``)
+        self.spec = spec  # what it loads
+        self.key = key  # ``backends.registry.variants.load_key``: the entries with this key share this slot
+        self.variants: dict[str, ModelSpec] = {name: spec}  # every registry name served by it, with its entry
         self.state = ModelState.UNLOADED
         self.model: Model | None = None
         self.loading: Model | None = None  # the model being loaded, whose progress the admin page shows
