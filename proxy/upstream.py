@@ -173,6 +173,19 @@ def remote_view(entry: RegistryEntry, clients: UpstreamClients) -> dict[str, Any
     return view
 
 
+def forwarded_body(spec: Mapping[str, Any], body: Mapping[str, Any], model_id: str) -> dict[str, Any]:
+    """The body sent upstream: the entry's ``extra_body`` (clemcore merges it into every request it sends),
+    then the request's own keys, which win (an object in both is merged key by key); ``model`` is the
+    upstream's name."""
+    extra = spec.get("extra_body")
+    payload = dict(extra) if isinstance(extra, Mapping) else {}
+    for key, value in body.items():
+        mine = payload.get(key)
+        payload[key] = {**mine, **value} if isinstance(mine, Mapping) and isinstance(value, Mapping) else value
+    payload["model"] = model_id
+    return payload
+
+
 def usage_tokens(event: Mapping[str, Any]) -> int | None:
     usage = event.get("usage")
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
@@ -219,7 +232,7 @@ class Forwarder:
         async with self.manager.reserve(name) as reservation:
             lease = await reservation.turn()
             upstream = self._upstream(lease)
-            payload = {**body, "model": upstream.model_id}
+            payload = forwarded_body(self.manager.entry_spec(name), body, upstream.model_id)
             post = self.clients.client(upstream).post(upstream.url(path), json=payload, headers=upstream.headers())
             response = await self._unless_stopped(lease, post)
             if not response.is_success:
@@ -269,7 +282,7 @@ class Forwarder:
             lease = await reservation.turn()
             upstream = self._upstream(lease)
             client = self.clients.client(upstream)
-            payload = {**body, "model": upstream.model_id}
+            payload = forwarded_body(self.manager.entry_spec(name), body, upstream.model_id)
             request = client.build_request("POST", upstream.url(path), json=payload, headers=upstream.headers())
             response = await self._unless_stopped(lease, client.send(request, stream=True))
             try:

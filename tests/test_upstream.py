@@ -105,6 +105,13 @@ def front(
         {"model_name": "remote-dead", "backend": "openai_compatible", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
         {"model_name": "remote-hanging", "backend": "openai_compatible", "base_url": hanging.base_url},
         {"model_name": "remote-breaking", "backend": "openai_compatible", "base_url": breaking.base_url},
+        {  # clemcore's extra_body: merged into every forwarded body
+            "model_name": "remote-extra",
+            "backend": "openai_compatible",
+            "model_id": SMOL,
+            "base_url": up,
+            "extra_body": {"stop": [","], "max_tokens": 6},
+        },
         {
             "model_name": "remote-one",
             "backend": "openai_compatible",
@@ -150,6 +157,17 @@ def test_forwarded_greedy_text_equals_the_upstreams(clients: tuple[Any, Any]) ->
     forwarded_text = front.completions.create(model=REMOTE, **legacy)
     assert forwarded_text.model == REMOTE
     assert forwarded_text.choices[0].text == direct.completions.create(model=SMOL, **legacy).choices[0].text
+
+
+def test_an_entrys_extra_body_is_merged_into_the_forwarded_body(clients: tuple[Any, Any]) -> None:
+    front, direct = clients
+    ask = {"messages": COUNTING, "temperature": 0}
+    forwarded = front.chat.completions.create(model="remote-extra", max_tokens=24, **ask)  # the request's wins
+    itself = direct.chat.completions.create(model=SMOL, max_tokens=24, stop=[","], **ask)
+    assert forwarded.choices[0].message.content == itself.choices[0].message.content
+    assert forwarded.choices[0].finish_reason == itself.choices[0].finish_reason == "stop"
+    defaults = front.chat.completions.create(model="remote-extra", messages=[{"role": "user", "content": "Hi"}])
+    assert defaults.usage.completion_tokens <= 6  # the entry's max_tokens, where the request has none
 
 
 def test_forwarded_stream_passes_the_schema_checks(clients: tuple[Any, Any]) -> None:
