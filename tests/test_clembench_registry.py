@@ -33,6 +33,7 @@ from tests.support import (
     smol_hf_entry,
     write_registry,
 )
+from tests.support.models import ENDLESS, WORDS
 from tests.support.servers import StreamInThread, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,19 +208,6 @@ PLAIN = (
     "{% for m in messages %}{{ bos_token }}{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}{{ bos_token }}assistant\n{{ answer_prefix | default('') }}{% endif %}"
 )
-WORDS = [{"role": "user", "content": "List as many English words about the sea as you can, as JSON."}]
-ENDLESS = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "words",
-        "schema": {
-            "type": "object",
-            "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
-            "required": ["words"],
-            "additionalProperties": False,
-        },
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -23,23 +23,10 @@ import pytest
 from backends import ModelRegistry
 from proxy.settings import Settings
 from tests.support import COUNTING, SMOL, SMOL_HF, RunningServer, smol_entry, smol_hf_entry, write_registry
+from tests.support.models import ENDLESS, WORDS
 from tests.support.servers import StreamInThread, wait_until
 
 LONG = 3000  # tokens a stream asks for: it is still generating when its worker is killed
-# A list of words without a bound: greedy decoding writes it until max_tokens, never ending by itself.
-ENDLESS = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "words",
-        "schema": {
-            "type": "object",
-            "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
-            "required": ["words"],
-            "additionalProperties": False,
-        },
-    },
-}
-WORDS = [{"role": "user", "content": "List as many English words about the sea as you can, as JSON."}]
 
 
 def row(server: RunningServer, name: str) -> dict[str, Any]:

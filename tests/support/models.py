@@ -256,3 +256,17 @@ def api_entries(checkpoint: Path, no_template_checkpoint: Path) -> list[dict[str
 
 # Greedy SmolLM2 counts on for hundreds of tokens (it reaches max_tokens=300 on both backends).
 COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+# A list of words without a bound: greedy decoding writes it until max_tokens, never ending by itself.
+ENDLESS = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "words",
+        "schema": {
+            "type": "object",
+            "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
+            "required": ["words"],
+            "additionalProperties": False,
+        },
+    },
+}
+WORDS = [{"role": "user", "content": "List as many English words about the sea as you can, as JSON."}]
