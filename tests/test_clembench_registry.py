@@ -26,6 +26,7 @@ from backends.registry.keys import KEYS
 from proxy.cli import check
 from proxy.settings import Settings
 from tests.support import (
+    CHATML_VIA_SPECIAL_TOKENS,
     COLORS,
     RunningServer,
     loaded,
@@ -199,15 +200,8 @@ def test_quantised_loading_without_a_gpu_is_a_load_error_naming_the_key(smol_che
 
 # --- variants share one load ---------------------------------------------------------------------------
 
-PREFILLED = (
-    "{{ bos_token }}system\nYou answer in one line, in the voice of a pirate.{{ eos_token }}\n"
-    "{% for m in messages %}{{ bos_token }}{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ bos_token }}assistant\n{{ answer_prefix | default('') }}{% endif %}"
-)
-PLAIN = (
-    "{% for m in messages %}{{ bos_token }}{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ bos_token }}assistant\n{{ answer_prefix | default('') }}{% endif %}"
-)
+PLAIN = CHATML_VIA_SPECIAL_TOKENS  # with an answer_prefix template argument
+PREFILLED = "{{ bos_token }}system\nYou answer in one line, in the voice of a pirate.{{ eos_token }}\n" + PLAIN
 
 
 @pytest.fixture(scope="module")
