@@ -7,6 +7,7 @@ context-length check, output cleaning, usage bookkeeping) live here, once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ from backends.spec import ModelSpec, parse_context_size
 from backends.text.cleaning import OutputCleaner
 from backends.text.grammar import CompiledGrammar, GrammarCompiler, SequenceMatcher
 from backends.text.prompting import ChatTemplate, choose_chat_template
+from backends.text.reasoning import ReasoningFormat, reasoning_format
 from backends.weights.progress import LoadProgress
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ class PreparedPrompt:
     token_ids: tuple[int, ...]
     max_tokens: int
     constraint: CompiledGrammar | None = None  # ``params.grammar`` compiled for this model's vocabulary
+    reasoning: ReasoningFormat | None = None  # how the output marks reasoning apart from the answer, if it does
 
     def matcher(self) -> SequenceMatcher | None:
         """A fresh grammar state for one sequence generated from this prompt, when its output is constrained."""
@@ -331,8 +334,20 @@ class Model(ABC):
     ) -> str:
         if self.chat_template is None:
             raise RuntimeError(f"{self.name} is not loaded")
-        template = self.template_for(entry) if entry else self.chat_template
-        return template.render(messages, extra=template_kwargs, tools=tools)
+        entry = entry or self.spec
+        template = self.template_for(entry)
+        prefill = entry.get("cot_bypass")
+        if not prefill:
+            return template.render(messages, extra=template_kwargs, tools=tools)
+        # clemcore's cot_bypass: the assistant turn starts with this text (an empty reasoning block), and the
+        # model continues it, as transformers' continue_final_message renders it: up to the text's end.
+        prefill = str(prefill)
+        turn = [*messages, {"role": "assistant", "content": prefill}]
+        rendered = template.render(turn, add_generation_prompt=False, extra=template_kwargs, tools=tools)
+        at = rendered.rfind(prefill)
+        if at < 0:
+            raise PromptRenderError("cot_bypass: the chat template does not render the prefilled assistant text")
+        return rendered[: at + len(prefill)]
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The loaded model's vocabulary for constrained decoding, built on first use (about half a second) and
@@ -348,8 +363,11 @@ class Model(ABC):
 
     def prepare(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams) -> PreparedPrompt:
         """Render and tokenise the prompt and check it fits; raises ``ContextLengthExceededError``."""
-        text = self.render_prompt(messages, params.template_kwargs, params.tools, params.entry)
-        return self.prepare_text(text, params)
+        entry = self.entry_of(params)
+        text = self.render_prompt(messages, params.template_kwargs, params.tools, entry)
+        prepared = self.prepare_text(text, params)
+        found = reasoning_format(entry, self.template_for(entry).source, text)
+        return dataclasses.replace(prepared, reasoning=found) if found is not None else prepared
 
     def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:
         """Tokenise a raw prompt (no chat template: legacy completions) and check it fits; compile its grammar."""

@@ -8,6 +8,7 @@ from typing import Any
 
 from backends import GenerationParams, Model, PreparedPrompt
 from backends.model import TokenLogprob as BackendTokenLogprob
+from backends.text.reasoning import ReasoningParser
 from backends.text.tools import CallStart, Content, Piece, ToolCallParser
 from proxy.constraints import Function, ToolChoice, constraint
 from proxy.errors import APIError
@@ -64,6 +65,11 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             content = "".join(texts)
         role = "system" if message.role == "developer" else message.role  # templates know "system", not "developer"
         entry: dict[str, Any] = {"role": role, "content": content or ""}
+        reasoning = message.reasoning_content or message.reasoning
+        if reasoning and role == "assistant":
+            # Templates that render earlier reasoning read it as reasoning_content (Qwen3) or thinking (gpt-oss);
+            # most drop it from every turn but the last, as they were trained.
+            entry["reasoning_content"] = entry["thinking"] = reasoning
         if message.tool_calls:
             if role != "assistant":
                 raise _invalid(
@@ -121,6 +127,14 @@ def refuse_unsupported(request: ChatCompletionRequest) -> None:
                 param=param,
                 code="unsupported_parameter",
             )
+
+
+def reasoning_parser(request: ChatCompletionRequest, choice: GeneratedChoice) -> ReasoningParser | None:
+    """A reader of the reasoning before the answer, where the prompt's output has one and the request does not
+    want the raw text (``reasoning_format: "none"``)."""
+    if choice.prompt.reasoning is None or request.reasoning_format == "none":
+        return None
+    return ReasoningParser(choice.prompt.reasoning)
 
 
 def calls_tools(request: ChatCompletionRequest) -> bool:
@@ -198,6 +212,7 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
             logprobs=bool(request.logprobs),
             top_logprobs=request.top_logprobs or 0,
             template_kwargs=request.chat_template_kwargs,
+            reasoning_effort=request.reasoning_effort,
         )
         return dataclasses.replace(params, tools=tools, grammar=grammar), messages
 
@@ -218,9 +233,16 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
 
     def _choice(self, request: ChatCompletionRequest, choice: GeneratedChoice) -> Choice:
         message = ChatCompletionMessage(content=choice.text)
+        answer = choice.text
+        reasoner = reasoning_parser(request, choice)
+        if reasoner is not None:
+            reasoner.feed(choice.text)
+            reasoner.finish()
+            answer = message.content = reasoner.content
+            message.reasoning_content = message.reasoning = reasoner.reasoning
         if calls_tools(request):
             parser = ToolCallParser()
-            parser.feed(choice.text)
+            parser.feed(answer)
             parser.finish()
             message.content = parser.content
             if parser.calls:
@@ -258,11 +280,30 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
     def start_events(self, request: ChatCompletionRequest, head: ResponseHead, choice: GeneratedChoice) -> list[Any]:
         if calls_tools(request):
             choice.parser = ToolCallParser()
+        choice.reasoner = reasoning_parser(request, choice)
         return [self._chunk(head, [ChunkChoice(index=choice.index, delta=Delta(role="assistant", content=""))])]
 
     def delta_events(
         self, request: ChatCompletionRequest, head: ResponseHead, choice: GeneratedChoice, delta: str
     ) -> list[Any]:
+        if choice.reasoner is not None:
+            return self._reasoned_chunks(head, choice, choice.reasoner.feed(delta))
+        return self._answer_chunks(head, choice, delta)
+
+    def _reasoned_chunks(self, head: ResponseHead, choice: GeneratedChoice, pieces: list[tuple[str, str]]) -> list[Any]:
+        """Reasoning pieces as ``reasoning_content`` deltas; the answer's as content (or tool calls)."""
+        chunks = []
+        for kind, text in pieces:
+            if kind == "reasoning":
+                delta = Delta(reasoning_content=text, reasoning=text)
+                chunks.append(
+                    self._chunk(head, [ChunkChoice(index=choice.index, delta=delta, logprobs=self._logprobs(choice))])
+                )
+            else:
+                chunks += self._answer_chunks(head, choice, text)
+        return chunks
+
+    def _answer_chunks(self, head: ResponseHead, choice: GeneratedChoice, delta: str) -> list[Any]:
         if choice.parser is None:
             chunk = ChunkChoice(index=choice.index, delta=Delta(content=delta), logprobs=self._logprobs(choice))
             return [self._chunk(head, [chunk])]
@@ -292,7 +333,9 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
         return chunks
 
     def end_events(self, request: ChatCompletionRequest, head: ResponseHead, choice: GeneratedChoice) -> list[Any]:
-        chunks = self._piece_chunks(head, choice, choice.parser.finish()) if choice.parser is not None else []
+        chunks = self._reasoned_chunks(head, choice, choice.reasoner.finish()) if choice.reasoner is not None else []
+        if choice.parser is not None:
+            chunks += self._piece_chunks(head, choice, choice.parser.finish())
         finish = ChunkChoice(
             index=choice.index,
             delta=Delta(),

@@ -38,6 +38,8 @@ class ChatMessage(Struct):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's
     tool_call_id: str | None = None  # a tool message's: the call it answers
+    reasoning_content: str | None = None  # an assistant's reasoning, sent back in the history
+    reasoning: str | None = None  # the same, under vLLM's newer name
 
 
 FunctionName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -112,6 +114,10 @@ class ChatCompletionRequest(Struct):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    reasoning_effort: str | None = None  # the template's reasoning_effort (gpt-oss: "low", "medium", "high")
+    # "none": the raw text in content, reasoning and markers included (llama-server's --reasoning-format none);
+    # anything else: reasoning apart, in reasoning_content
+    reasoning_format: str | None = None
     # OpenAI fields this server cannot honour: accepted by the decoder, refused with a 400 that says so.
     functions: Any = None
     function_call: Any = None
@@ -160,6 +166,10 @@ class ChatCompletionMessage(Struct):
     role: Literal["assistant"] = "assistant"
     refusal: str | None = None
     tool_calls: list[ToolCall] | UnsetType = UNSET  # when the model called tools
+    annotations: list[Any] = field(default_factory=list)  # OpenAI's (web search citations): never any here
+    # A reasoning model's reasoning, apart from the answer (llama-server's and vLLM's field, and vLLM's newer name).
+    reasoning_content: str | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
 
 
 class TopLogprob(Struct):
@@ -213,6 +223,8 @@ class Delta(Struct):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
     tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
 
 
 class ChunkChoice(Struct):

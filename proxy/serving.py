@@ -67,6 +67,7 @@ def generation_params(
     logprobs: bool,
     top_logprobs: int,
     template_kwargs: Mapping[str, Any] | None = None,
+    reasoning_effort: str | None = None,
 ) -> GenerationParams:
     """A request's settings as the backends take them. Temperature and top_p the request leaves out come from
     the registry entry, else ``GenerationParams``' own defaults (OpenAI's). The entry's per-request keys go
@@ -87,7 +88,7 @@ def generation_params(
         top_logprobs=top_logprobs,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
-        template_kwargs=template_arguments(spec, template_kwargs),
+        template_kwargs=template_arguments(spec, template_kwargs, reasoning_effort),
         entry=request_entry(spec),
         **sampling,
     )
@@ -113,6 +114,7 @@ class GeneratedChoice:
     text: str = ""  # the cleaned text so far: all of it once generated
     logprobs_sent: int = 0
     parser: Any = None  # the endpoint's reader of a streamed text (``backends.text.tools.ToolCallParser``)
+    reasoner: Any = None  # its reader of the reasoning before the answer (``backends.text.reasoning``)
 
     def fresh_logprobs(self) -> list[TokenLogprob]:
         """Log probabilities not yet sent in a stream chunk."""

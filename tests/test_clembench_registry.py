@@ -90,7 +90,7 @@ def test_clembench_registry_of_2025_checks_clean_and_every_local_entry_is_servab
         assert re.search(rf"^    {backend}: \d+ entries — \S", printed, re.M), printed[-2000:]
     errors_at, warnings_at = printed.find("  errors:"), printed.find("  warnings:")
     assert errors_at == -1 and warnings_at > 0
-    assert "cot_output: not honoured" in printed and "padding_side: no effect here" in printed
+    assert "padding_side: no effect here" in printed and "cot_output" not in printed  # reasoning keys: honoured
 
 
 def test_a_remote_entry_of_that_registry_is_refused_by_name_with_why() -> None:
@@ -159,9 +159,9 @@ def test_a_clembench_shaped_registry_checks_with_the_right_warnings(
     printed = capsys.readouterr().out
     assert "5 entries: 3 served here, 1 of backends not served here, 0 invalid, 1 shadowed" in printed
     every = printed[printed.index("every-key") :]
-    for key in ("padding_side", "multimodal", "cot_output", "cot_start_tag", "cot_end_tag", "cot_bypass", "cot_effort"):
+    for key in ("padding_side", "multimodal"):
         assert f"warning: {key}:" in every, key
-    for honoured in ("trust_remote_code", "attn_implementation", "peft_model", "chat_template_kwargs"):
+    for honoured in ("trust_remote_code", "attn_implementation", "peft_model", "chat_template_kwargs", "cot_output"):
         assert f"warning: {honoured}:" not in every, honoured
     assert "shadowed by entry 0" in printed
     assert "anthropic: 1 entries — a remote API" in printed
@@ -183,7 +183,7 @@ def test_the_local_entries_of_a_clembench_shaped_registry_answer_through_the_sdk
     rows = rows_of(clembench_server)
     assert rows["cb-smol-gguf"]["loaded"]["context_size"] == Settings().models.context_size
     assert rows["cb-smol-hf"]["loaded"]["context_size"] == 8192
-    assert {item["key"] for item in rows["every-key"]["not_honoured"]} >= {"padding_side", "cot_output"}
+    assert {item["key"] for item in rows["every-key"]["not_honoured"]} == {"padding_side", "multimodal"}
     assert rows["every-key"]["trust_remote_code"] is True and rows["every-key"]["multimodal"] is True
     page = httpx.get(f"{clembench_server.base_url}/admin").text
     assert "135M parameters · 8k context · Apache 2.0 · en · released 2024-11-01" in page

@@ -19,6 +19,7 @@ from typing import Any
 
 from backends.errors import BackendError, GenerationError
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
+from backends.text.reasoning import ReasoningFormat
 
 _END = object()
 
@@ -38,14 +39,20 @@ class RemoteBackendError(BackendError):
 
 
 def prompt_fields(prompt: PreparedPrompt) -> dict[str, Any]:
-    return {"text": prompt.text, "token_ids": prompt.token_ids, "max_tokens": prompt.max_tokens}
+    reasoning = prompt.reasoning.fields() if prompt.reasoning is not None else None
+    return {"text": prompt.text, "token_ids": prompt.token_ids, "max_tokens": prompt.max_tokens, "reasoning": reasoning}
 
 
 def prepared_from(answer: Mapping[str, Any]) -> PreparedPrompt:
     """The front's copy of a prompt a worker prepared (its grammar is compiled again where it generates)."""
     if "error" in answer:
         raise RemoteBackendError(answer["error"])
-    return PreparedPrompt(text=answer["text"], token_ids=tuple(answer["token_ids"]), max_tokens=answer["max_tokens"])
+    return PreparedPrompt(
+        text=answer["text"],
+        token_ids=tuple(answer["token_ids"]),
+        max_tokens=answer["max_tokens"],
+        reasoning=ReasoningFormat.of(answer.get("reasoning")),
+    )
 
 
 class ModelWorker:

@@ -30,9 +30,17 @@ def request_entry(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in spec.items() if key in PER_REQUEST_KEYS}
 
 
-def template_arguments(spec: Mapping[str, Any], requested: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The entry's ``chat_template_kwargs`` for every prompt, which a request's own override key by key."""
+def template_arguments(
+    spec: Mapping[str, Any], requested: Mapping[str, Any] | None, reasoning_effort: str | None = None
+) -> dict[str, Any]:
+    """The template's variables: the entry's ``chat_template_kwargs`` and its ``cot_effort`` (as clemcore, the
+    template's ``reasoning_effort`` unless the kwargs set one), then the request's own, key by key, and its
+    ``reasoning_effort``."""
     defaults = spec.get("chat_template_kwargs")
     merged = dict(defaults) if isinstance(defaults, Mapping) else {}
+    if spec.get("cot_effort"):
+        merged.setdefault("reasoning_effort", spec["cot_effort"])
     merged.update(requested or {})
+    if reasoning_effort is not None:
+        merged["reasoning_effort"] = reasoning_effort
     return merged
