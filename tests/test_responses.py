@@ -403,7 +403,7 @@ def test_a_json_schema_format_is_followed_every_time(client: openai.OpenAI, vari
         ({"input": "Hello " * 200, "model": "small"}, 400, "input"),
         ({"max_output_tokens": 100000}, 400, "input"),
         ({"tools": [{"type": "web_search_preview"}]}, 400, "tools[0].type"),
-        ({"reasoning": {"effort": "high"}}, 400, "reasoning"),
+        ({"reasoning": {"summary": "auto"}}, 400, "reasoning.summary"),
         ({"background": True}, 400, "background"),
         ({"include": ["reasoning.encrypted_content"]}, 400, "include[0]"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
@@ -418,7 +418,7 @@ def test_a_json_schema_format_is_followed_every_time(client: openai.OpenAI, vari
         ({"temperature": 3}, 400, "temperature"),
     ],
     ids=[
-        "unknown-model", "unknown-previous", "context-overflow", "too-many-tokens", "built-in-tool", "reasoning",
+        "unknown-model", "unknown-previous", "context-overflow", "too-many-tokens", "built-in-tool", "summary",
         "background", "include", "image", "unanswered-call", "item-reference", "empty-input", "unknown-named-tool",
         "bad-schema", "metadata", "temperature",
     ],
@@ -440,6 +440,31 @@ def test_bad_requests_get_an_error_before_any_event(
     assert error["param"] == param and error["message"]
     healthy = httpx.get(f"{responses_server.base_url}/health", timeout=10)
     assert healthy.status_code == 200
+
+
+def test_responses_carry_the_fields_open_responses_requires_and_reasoning_effort(
+    client: openai.OpenAI, responses_server: RunningServer, variants: Variants
+) -> None:
+    answer = client.responses.create(
+        model=variants.plain,
+        input=QUESTION,
+        max_output_tokens=8,
+        reasoning={"effort": "low"},
+        safety_identifier="player-1",
+        prompt_cache_key="game-7",
+    )
+    fields = answer.model_dump()
+    for key in ("presence_penalty", "frequency_penalty", "max_tool_calls"):
+        assert key in fields and fields[key] is None, key
+    assert fields["safety_identifier"] == "player-1" and fields["prompt_cache_key"] == "game-7"
+    assert fields["reasoning"]["effort"] == "low"
+    compact = httpx.post(
+        f"{responses_server.base_url}/v1/responses/compact",
+        json={"model": variants.plain, "input": QUESTION},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    )
+    assert compact.status_code == 404 and "Compaction" in compact.json()["error"]["message"]
 
 
 # --- the store itself ----------------------------------------------------------------------------------------

@@ -95,8 +95,8 @@ class CreateResponse(Struct):
     prompt_cache_key: str | None = None
     service_tier: str | None = None
     max_tool_calls: Annotated[int, Meta(ge=1)] | None = None  # bounds built-in tools' calls, of which there are none
+    reasoning: ReasoningConfig | None = None
     # OpenAI fields this server cannot honour: accepted by the decoder, refused with a 400 that says so.
-    reasoning: Any = None
     background: bool | None = None
     conversation: Any = None
     prompt: Any = None
@@ -216,6 +216,13 @@ class IncompleteDetails(Struct):
 ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "queued", "incomplete"]
 
 
+class ReasoningConfig(Struct):
+    """``reasoning`` of a request and its response: the effort reaches the template as ``reasoning_effort``."""
+
+    effort: str | None = None
+    summary: str | None = None
+
+
 class Response(Struct):
     id: str
     created_at: int
@@ -240,8 +247,14 @@ class Response(Struct):
     incomplete_details: IncompleteDetails | None = None
     completed_at: int | None = None
     background: bool = False
-    reasoning: None = None
+    reasoning: ReasoningConfig | None = None
     service_tier: str = "default"
+    # Required by the Open Responses specification (null allowed): echoed from the request where it has them.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    max_tool_calls: int | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     user: str | UnsetType = UNSET  # a string when the request sent one
     object: Literal["response"] = "response"
 

@@ -116,3 +116,13 @@ class ResponsesController(Controller):
         if not await asyncio.to_thread(response_store.delete, response_id, owner_of(request, access)):
             raise not_found(response_id)
         return DeletedResponse(id=response_id)
+
+    @post("/compact", status_code=200)
+    async def compact(self) -> None:
+        """The Open Responses specification's compaction endpoint, which a server may leave out with a 404."""
+        raise APIError(
+            404,
+            "Compaction (POST /v1/responses/compact) is not implemented by this server; send the whole input, or "
+            "continue with previous_response_id",
+            code="not_found",
+        )

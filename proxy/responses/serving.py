@@ -88,11 +88,9 @@ def missing(param: str, what: str) -> APIError:
 
 def refuse_unsupported(request: CreateResponse) -> None:
     """A 400 for every field this server cannot honour, rather than a response that silently ignores it."""
-    if request.reasoning is not None and (
-        not isinstance(request.reasoning, dict) or any(v is not None for v in request.reasoning.values())
-    ):
+    if request.reasoning is not None and request.reasoning.summary is not None:
         raise unsupported(
-            "reasoning", "'reasoning' is not supported: the models served here have no reasoning settings"
+            "reasoning.summary", "reasoning summaries are not supported: the reasoning comes as the model wrote it"
         )
     refused = {
         "background": (request.background is True, "background responses are not supported; stream instead"),
@@ -504,6 +502,7 @@ class ResponsesService(OpenAIServing[ResponseCall, Messages, Response]):
             max_tokens=self.limits.completion_tokens(request.max_output_tokens, "max_output_tokens"),
             logprobs=logprobs,
             top_logprobs=request.top_logprobs or 0,
+            reasoning_effort=request.reasoning.effort if request.reasoning is not None else None,
         )
         call.temperature, call.top_p = params.temperature, params.top_p
         return dataclasses.replace(params, tools=tools, grammar=grammar), messages
@@ -556,6 +555,10 @@ class ResponsesService(OpenAIServing[ResponseCall, Messages, Response]):
             store=request.store,
             top_logprobs=request.top_logprobs or 0,
             user=UNSET if request.user is None else request.user,
+            reasoning=request.reasoning,
+            max_tool_calls=request.max_tool_calls,
+            safety_identifier=request.safety_identifier,
+            prompt_cache_key=request.prompt_cache_key,
         )
 
     def open_events(self, call: ResponseCall, head: ResponseHead) -> list[Any]:
