@@ -557,7 +557,10 @@ def test_a_stream_that_times_out_in_the_queue_is_created_then_failed(
     settings = Settings(manager=ManagerSettings(request_timeout=1.5), storage=StorageSettings(data_dir=":memory:"))
     with RunningServer(registry, settings) as server:
         client = sdk(server, openai_schemas, "unused")
-        client.responses.create(model="smol", input=QUESTION, max_output_tokens=2)  # loaded
+        # Loaded through the admin API: a load does not count against the request timeout, a first answer would
+        # (and on a busy machine its 2 tokens could take longer than 1.5 s).
+        loaded = httpx.post(f"{server.base_url}/admin/api/models/smol/load", timeout=300)
+        assert loaded.status_code == 200, loaded.text
         busy = StreamInThread(server.base_url, "busy", model="smol", max_tokens=2000)
         wait_until(lambda: server.services.manager.slot("smol").queue.admitted == 1, "the slot is busy")
         events = list(client.responses.create(model="smol", input=QUESTION, max_output_tokens=8, stream=True))
