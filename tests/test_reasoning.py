@@ -211,3 +211,34 @@ def test_messages_carry_annotations_and_history_reasoning_is_accepted(server: Ru
     ]
     follow = client(server).chat.completions.create(model=f"cot{suffix}", messages=history, max_tokens=8, temperature=0)
     assert follow.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_responses_api_gives_a_reasoning_item_then_the_message(
+    server: RunningServer, suffix: str, openai_schemas: dict[str, Any]
+) -> None:
+    import httpx
+
+    from tests.support import SchemaCheckingTransport
+
+    http_client = httpx.Client(transport=SchemaCheckingTransport(openai_schemas), timeout=120)
+    sdk = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=http_client)
+    model = f"cot{suffix}"
+    chat = ask(server, model).choices[0].message
+    question = COLORS[0]["content"]
+    whole = sdk.responses.create(model=model, input=question, max_output_tokens=40, temperature=0)
+    assert [item.type for item in whole.output] == ["reasoning", "message"]
+    assert whole.output[0].content[0].text == chat.reasoning_content
+    assert whole.output_text == chat.content
+    events = list(sdk.responses.create(model=model, input=question, max_output_tokens=40, temperature=0, stream=True))
+    kinds = [event.type for event in events]
+    assert "response.reasoning_text.delta" in kinds and "response.reasoning_text.done" in kinds
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    streamed = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert streamed == chat.reasoning_content
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == chat.content
+    # The stored conversation, reasoning item included, continues.
+    follow = sdk.responses.create(
+        model=model, previous_response_id=whole.id, input="And one more?", max_output_tokens=8, temperature=0
+    )
+    assert follow.status in ("completed", "incomplete")

@@ -37,6 +37,7 @@ class InputItem(Struct):
     name: str | None = None  # a call's function
     arguments: str | None = None  # a call's, JSON
     output: str | list[ContentPart] | None = None  # a call's output
+    summary: list[Any] | None = None  # a reasoning item's (an earlier answer's, given back)
 
 
 class FunctionTool(Struct):
@@ -151,7 +152,20 @@ class FunctionCall(Struct, tag_field="type", tag="function_call"):
     status: ItemStatus
 
 
-OutputItem = OutputMessage | FunctionCall
+class ReasoningText(Struct, tag_field="type", tag="reasoning_text"):
+    text: str
+
+
+class ReasoningItem(Struct, tag_field="type", tag="reasoning"):
+    """A reasoning model's reasoning, as it wrote it, before the answer's items (no summaries here)."""
+
+    id: str
+    status: ItemStatus
+    content: list[ReasoningText]
+    summary: list[Any] = field(default_factory=list)
+
+
+OutputItem = OutputMessage | FunctionCall | ReasoningItem
 
 
 class ToolEcho(Struct, tag_field="type", tag="function"):
@@ -325,6 +339,24 @@ class OutputTextDoneEvent(Struct):
     logprobs: list[LogProb]
     sequence_number: int = 0
     type: Literal["response.output_text.done"] = "response.output_text.done"
+
+
+class ReasoningTextDeltaEvent(Struct):
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+    sequence_number: int = 0
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+
+
+class ReasoningTextDoneEvent(Struct):
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+    sequence_number: int = 0
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
 
 
 class FunctionCallArgumentsDeltaEvent(Struct):

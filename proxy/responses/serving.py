@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from msgspec import UNSET
 
 from backends import BackendError, GenerationParams, Model, PreparedPrompt
 from backends.model import TokenLogprob
+from backends.text.reasoning import ReasoningParser
 from backends.text.tools import CallArguments, CallStart, Content, Piece, ToolCallParser
 from proxy.chat import logprob_structs
 from proxy.constraints import Function, ToolChoice, constraint
@@ -53,6 +54,10 @@ from proxy.responses.protocol import (
     OutputText,
     OutputTextDeltaEvent,
     OutputTextDoneEvent,
+    ReasoningItem,
+    ReasoningText,
+    ReasoningTextDeltaEvent,
+    ReasoningTextDoneEvent,
     Response,
     ResponseError,
     ResponseEvent,
@@ -222,6 +227,17 @@ def input_items(given: str | list[InputItem] | None) -> list[ItemDict]:
                     "status": "completed",
                 }
             )
+        elif item.type == "reasoning":  # an earlier answer's reasoning, given back: its template may render it
+            content = item.content if isinstance(item.content, list) else []
+            items.append(
+                {
+                    "id": item.id or new_id("rs"),
+                    "type": "reasoning",
+                    "status": "completed",
+                    "content": [{"type": "reasoning_text", "text": part.text or ""} for part in content],
+                    "summary": [],
+                }
+            )
         elif item.type == "item_reference":
             raise unsupported(
                 f"{where}.type",
@@ -232,7 +248,7 @@ def input_items(given: str | list[InputItem] | None) -> list[ItemDict]:
             raise unsupported(
                 f"{where}.type",
                 f"Input items of type '{item.type}' are not supported here; "
-                "messages, function_call and function_call_output items are",
+                "messages, reasoning, function_call and function_call_output items are",
             )
     return items
 
@@ -244,11 +260,19 @@ def chat_messages(instructions: str | None, earlier: list[ItemDict], given: list
     calls_made: set[str] = set()
     places = [None] * len(earlier) + [f"input[{index}]" for index in range(len(given))]
     last_was_assistant = False
+    reasoning = ""  # of the assistant message that follows it
     for where, item in zip(places, [*earlier, *given], strict=True):
         kind = item["type"]
+        if kind == "reasoning":
+            reasoning += "".join(part.get("text", "") for part in item.get("content", []))
+            continue
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
-            messages.append({"role": role, "content": "".join(part["text"] for part in item["content"])})
+            message = {"role": role, "content": "".join(part["text"] for part in item["content"])}
+            if role == "assistant" and reasoning:
+                message["reasoning_content"] = message["thinking"] = reasoning
+            reasoning = ""
+            messages.append(message)
             last_was_assistant = role == "assistant"
         elif kind == "function_call":
             call = {
@@ -334,6 +358,7 @@ class OutputBuilder:
 
     parse_calls: bool
     items: list[OutputItem] = field(default_factory=list)
+    reasoner: ReasoningParser | None = None  # where the answer has reasoning before it: a reasoning item first
     _parser: ToolCallParser | None = None
     _open: OutputItem | None = None
     _logprobs: list[LogProb] = field(default_factory=list)  # of the open message, all of them
@@ -344,16 +369,40 @@ class OutputBuilder:
 
     def feed(self, delta: str, logprobs: list[LogProb]) -> list[Any]:
         self._pending += logprobs
+        if self.reasoner is None:
+            return self._answer(delta)
+        return self._reasoned(self.reasoner.feed(delta))
+
+    def _answer(self, delta: str) -> list[Any]:
         pieces: list[Piece] = (
             self._parser.feed(delta) if self._parser is not None else [Content(delta)] if delta else []
         )
         return self._events(pieces)
 
+    def _reasoned(self, pieces: Sequence[tuple[str, str]]) -> list[Any]:
+        events: list[Any] = []
+        for kind, text in pieces:
+            if kind == "content":
+                events += self._answer(text)
+                continue
+            if not isinstance(self._open, ReasoningItem):
+                events += self._close("completed")
+                item = ReasoningItem(id=new_id("rs"), status="in_progress", content=[ReasoningText(text="")])
+                self._start(item)
+                events.append(OutputItemEvent("response.output_item.added", self._index(), _copy(item, content=[])))
+            reasoning = self._open
+            assert isinstance(reasoning, ReasoningItem)
+            reasoning.content[0].text += text
+            events.append(ReasoningTextDeltaEvent(reasoning.id, self._index(), 0, text))
+        return events
+
     def finish(self, incomplete: bool) -> list[Any]:
         """The events that end the answer; the last item is ``incomplete`` when the answer was cut short."""
-        events = self._events(self._parser.finish() if self._parser is not None else [])
-        if not self.items:  # the answer is a message, even an empty one
-            events += self._open_message()
+        events = self._reasoned(self.reasoner.finish()) if self.reasoner is not None else []
+        events += self._events(self._parser.finish() if self._parser is not None else [])
+        if not any(isinstance(item, OutputMessage | FunctionCall) for item in self.items):
+            events += self._close("incomplete" if incomplete else "completed")
+            events += self._open_message()  # the answer is a message, even an empty one
         return events + self._close("incomplete" if incomplete else "completed")
 
     def _events(self, pieces: list[Piece]) -> list[Any]:
@@ -407,6 +456,11 @@ class OutputBuilder:
         if isinstance(item, FunctionCall):
             return [
                 FunctionCallArgumentsDoneEvent(item.id, index, item.name, item.arguments),
+                OutputItemEvent("response.output_item.done", index, _copy(item)),
+            ]
+        if isinstance(item, ReasoningItem):
+            return [
+                ReasoningTextDoneEvent(item.id, index, 0, item.content[0].text),
                 OutputItemEvent("response.output_item.done", index, _copy(item)),
             ]
         part = item.content[0]
@@ -569,6 +623,9 @@ class ResponsesService(OpenAIServing[ResponseCall, Messages, Response]):
         ]
 
     def start_events(self, call: ResponseCall, head: ResponseHead, choice: GeneratedChoice) -> list[Any]:
+        assert call.output is not None
+        if choice.prompt.reasoning is not None:
+            call.output.reasoner = ReasoningParser(choice.prompt.reasoning)
         return []  # an item opens with its first text or call
 
     def delta_events(self, call: ResponseCall, head: ResponseHead, choice: GeneratedChoice, delta: str) -> list[Any]:
@@ -585,6 +642,7 @@ class ResponsesService(OpenAIServing[ResponseCall, Messages, Response]):
         (choice,) = choices
         if call.output is None:  # a whole answer: its items from its text at once, the stream's events unsent
             call.output = OutputBuilder(self._parses_calls(call))
+            self.start_events(call, head, choice)
             self.delta_events(call, head, choice, choice.text)
             self.end_events(call, head, choice)
         incomplete = choice.outcome.finish_reason == "length"

@@ -9,7 +9,6 @@ from collections.abc import Generator
 from typing import Any
 
 from backends import GenerationOutcome, GenerationParams, Model, PreparedPrompt
-from backends.text.prompting import choose_chat_template
 
 
 class FakeModels:
@@ -55,7 +54,7 @@ class FakeModel(Model):
 
             raise ModelLoadError(f"the fake model {self.name} fails to load, as the test asked")
         template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-        self.chat_template = choose_chat_template({"premade_chat_template": True}, template, bos_token="", eos_token="")
+        self.set_templates({"default": template}, bos_token="", eos_token="")
         self.context_size = 4096
         self.loaded = True
 
