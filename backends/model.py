@@ -28,7 +28,7 @@ from backends.spec import ModelSpec, parse_context_size
 from backends.text.cleaning import OutputCleaner
 from backends.text.grammar import CompiledGrammar, GrammarCompiler, SequenceMatcher
 from backends.text.prompting import ChatTemplate, choose_chat_template
-from backends.text.reasoning import ReasoningFormat, reasoning_format
+from backends.text.reasoning import ReasoningFormat, after_reasoning, reasoning_format
 from backends.weights.progress import LoadProgress
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class GenerationParams:
     # The request's own registry entry, where it is a variant of the loaded one (``backends.registry.variants``):
     # its template, template language and cleaning keys. Empty: the loaded entry's.
     entry: Mapping[str, Any] = field(default_factory=dict)
+    reasoning_budget: int | None = None  # tokens of reasoning at most; then the end marker is forced
 
 
 @dataclass(frozen=True)
@@ -365,9 +366,14 @@ class Model(ABC):
         """Render and tokenise the prompt and check it fits; raises ``ContextLengthExceededError``."""
         entry = self.entry_of(params)
         text = self.render_prompt(messages, params.template_kwargs, params.tools, entry)
-        prepared = self.prepare_text(text, params)
         found = reasoning_format(entry, self.template_for(entry).source, text)
-        return dataclasses.replace(prepared, reasoning=found) if found is not None else prepared
+        if found is None:
+            return self.prepare_text(text, params)
+        if params.grammar is not None or params.reasoning_budget is not None:
+            # The answer is held to the grammar, not the reasoning before it; a budget ends the reasoning.
+            grammar = after_reasoning(params.grammar, found, params.reasoning_budget)
+            params = dataclasses.replace(params, grammar=grammar)
+        return dataclasses.replace(self.prepare_text(text, params), reasoning=found)
 
     def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:
         """Tokenise a raw prompt (no chat template: legacy completions) and check it fits; compile its grammar."""

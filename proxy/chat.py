@@ -213,6 +213,9 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
             top_logprobs=request.top_logprobs or 0,
             template_kwargs=request.chat_template_kwargs,
             reasoning_effort=request.reasoning_effort,
+            reasoning_budget=request.reasoning_budget
+            if request.reasoning_budget is not None
+            else request.thinking_token_budget,
         )
         return dataclasses.replace(params, tools=tools, grammar=grammar), messages
 

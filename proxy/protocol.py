@@ -118,6 +118,10 @@ class ChatCompletionRequest(Struct):
     # "none": the raw text in content, reasoning and markers included (llama-server's --reasoning-format none);
     # anything else: reasoning apart, in reasoning_content
     reasoning_format: str | None = None
+    # Tokens of reasoning at most, then the reasoning ends and the answer follows (llama-server's
+    # --reasoning-budget; vLLM's thinking_token_budget is the same)
+    reasoning_budget: Annotated[int, Meta(ge=0)] | None = None
+    thinking_token_budget: Annotated[int, Meta(ge=0)] | None = None
     # OpenAI fields this server cannot honour: accepted by the decoder, refused with a 400 that says so.
     functions: Any = None
     function_call: Any = None

@@ -68,6 +68,7 @@ def generation_params(
     top_logprobs: int,
     template_kwargs: Mapping[str, Any] | None = None,
     reasoning_effort: str | None = None,
+    reasoning_budget: int | None = None,
 ) -> GenerationParams:
     """A request's settings as the backends take them. Temperature and top_p the request leaves out come from
     the registry entry, else ``GenerationParams``' own defaults (OpenAI's). The entry's per-request keys go
@@ -90,6 +91,7 @@ def generation_params(
         frequency_penalty=request.frequency_penalty or 0.0,
         template_kwargs=template_arguments(spec, template_kwargs, reasoning_effort),
         entry=request_entry(spec),
+        reasoning_budget=reasoning_budget if reasoning_budget is not None else spec.get("reasoning_budget"),
         **sampling,
     )
 

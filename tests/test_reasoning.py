@@ -242,3 +242,52 @@ def test_the_responses_api_gives_a_reasoning_item_then_the_message(
         model=model, previous_response_id=whole.id, input="And one more?", max_output_tokens=8, temperature=0
     )
     assert follow.status in ("completed", "incomplete")
+
+
+PLAYER = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "player",
+        "schema": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 12}},
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_a_json_schema_holds_the_answer_after_the_reasoning(server: RunningServer, suffix: str) -> None:
+    import json
+
+    model = f"think{suffix}"
+    # The demo model would reason on to max_tokens: a budget ends its reasoning, and the answer is the JSON.
+    budget = {"reasoning_budget": 16}
+    answer = ask(server, model, max_tokens=120, response_format=PLAYER, extra_body=budget)
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "stop", message
+    assert set(json.loads(message.content)) == {"name"}  # the answer is the JSON, the reasoning apart
+    assert message.model_extra["reasoning_content"]
+    raw = ask(server, model, max_tokens=120, response_format=PLAYER, extra_body={**budget, "reasoning_format": "none"})
+    assert raw.choices[0].message.content.count("</think>") == 1
+    assert raw.choices[0].message.content.endswith(message.content)
+    reasoning, content, _ = ask_streamed(server, model, max_tokens=120, response_format=PLAYER, extra_body=budget)
+    assert set(json.loads(content)) == {"name"} and reasoning
+
+
+def test_a_reasoning_budget_ends_the_reasoning(server: RunningServer, suffix: str) -> None:
+    model = f"think{suffix}"
+    spent = ask(server, model, max_tokens=8, extra_body={"reasoning_budget": 8})
+    assert spent.choices[0].finish_reason == "length" and spent.choices[0].message.content == ""
+    unbounded = ask(server, model, max_tokens=40).choices[0].message  # reasons on to max_tokens
+    assert unbounded.content == ""
+    for field in ("reasoning_budget", "thinking_token_budget"):
+        raw = ask(server, model, max_tokens=40, extra_body={field: 8, "reasoning_format": "none"})
+        text = raw.choices[0].message.content
+        assert text.count("</think>") == 1, text  # the engine ended the reasoning there
+        bounded = ask(server, model, max_tokens=40, extra_body={field: 8}).choices[0].message
+        assert bounded.model_extra["reasoning_content"] == text.split("</think>")[0]
+        assert len(bounded.model_extra["reasoning_content"]) < len(unbounded.model_extra["reasoning_content"])
+    none = ask(server, model, max_tokens=24, extra_body={"reasoning_budget": 0, "reasoning_format": "none"})
+    assert none.choices[0].message.content.startswith("</think>")

@@ -19,7 +19,7 @@ from typing import Any
 
 from backends.errors import BackendError, GenerationError
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
-from backends.text.reasoning import ReasoningFormat
+from backends.text.reasoning import ReasoningFormat, after_reasoning
 
 _END = object()
 
@@ -99,8 +99,12 @@ class ModelWorker:
         def produce() -> None:
             try:
                 constraint = None
-                if params.grammar is not None:
-                    constraint = self.model.grammar_compiler().compile(params.grammar)
+                reasoning = ReasoningFormat.of(prompt.get("reasoning"))
+                grammar = params.grammar
+                if reasoning is not None and (grammar is not None or params.reasoning_budget is not None):
+                    grammar = after_reasoning(grammar, reasoning, params.reasoning_budget)  # as Model.prepare
+                if grammar is not None:
+                    constraint = self.model.grammar_compiler().compile(grammar)
                 prepared = PreparedPrompt(
                     text=prompt["text"],
                     token_ids=tuple(prompt["token_ids"]),

@@ -136,6 +136,8 @@ KEY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cot_bypass": (_is_str, "a string (the prefilled start of the answer)"),
     "cot_effort": (_is_str, 'a string such as "low", "medium" or "high"'),
     "extra_body": (lambda v: isinstance(v, dict), "an object of request keys"),
+    # clemproxy's: tokens of reasoning at most, for every request of the entry that sets none
+    "reasoning_budget": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     # Ray Serve (clemproxy serve --ray): replicas of a deployed model, fixed or autoscaled.
     "replicas": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "autoscaling": (

@@ -204,7 +204,7 @@ KEYS: tuple[KeyUse, ...] = (
 BY_KEY: dict[str, KeyUse] = {use.key: use for use in KEYS}
 
 # Keys of clemproxy's own, on top of clembench's (the README's other table); a variant's own where marked.
-CLEMPROXY_PER_REQUEST = frozenset({"temperature", "top_p", "lookup_source"})
+CLEMPROXY_PER_REQUEST = frozenset({"temperature", "top_p", "lookup_source", "reasoning_budget"})
 
 PER_REQUEST_KEYS = frozenset({use.key for use in KEYS if use.per_request}) | CLEMPROXY_PER_REQUEST
 

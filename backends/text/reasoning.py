@@ -17,6 +17,7 @@ pieces join to the whole answer's. A text that ends inside the reasoning (a ``le
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -191,3 +192,53 @@ def split_reasoning(text: str, format: ReasoningFormat) -> tuple[str, str]:
     parser.feed(text)
     parser.finish()
     return parser.reasoning, parser.content
+
+
+def after_reasoning(grammar: str | None, format: ReasoningFormat, budget: int | None = None) -> str:
+    """A grammar (llguidance's: lark text, or a serialized grammar such as a JSON Schema's) for the reasoning and
+    then the answer: free text without the end marker, the marker, then ``grammar`` (None: free text). With a
+    ``budget`` the reasoning ends after that many tokens: the marker is forced, and the answer follows. A prompt
+    whose output starts outside the reasoning may also answer at once."""
+    if grammar is None:
+        answer: dict[str, Any] = {"name": "answer", "lark_grammar": "start: /(?s:.*)/\n"}
+    elif grammar.lstrip().startswith("{"):
+        subgrammars = json.loads(grammar)["grammars"]
+        if len(subgrammars) != 1:
+            return grammar  # grammars that refer to each other by position: left as they are
+        answer = {**subgrammars[0], "name": "answer"}
+    else:
+        answer = {"name": "answer", "lark_grammar": grammar}
+    end = format.end.replace("/", "\\/")
+    opening = f"{json.dumps(format.start)} " if format.start and not format.starts_inside else ""
+    first = _literal_prefix(format.end, 1)
+    if budget is None or not first:
+        # Free text up to the first end marker (a lazy lexeme: it ends there), then the answer.
+        rules = f"reasoning[lazy]: /(?s:.*)(?:{end})/\n"
+        body = "reasoning WS @answer"
+    else:
+        # With a budget the text and the marker are apart, so that the marker can be forced once the text has
+        # spent it. llguidance's lexer does not step back, so the text never holds the marker's first character
+        # ("<" for every marker known here).
+        x = re.escape(first).replace("/", "\\/")
+        rules = f"reasoning[max_tokens={budget}]: TEXT\nTEXT: /[^{x}]*/\nEND: /(?:{end})/\n"
+        body = "reasoning END WS @answer"
+    start = f"start: {opening}{body}" + (" | @answer" if opening else "")
+    lark = f"{start}\n{rules}WS: /[ \\t\\r\\n]*/\n"
+    return json.dumps({"grammars": [{"name": "reasoned", "lark_grammar": lark}, answer]})
+
+
+def _literal_prefix(pattern: str, length: int) -> str:
+    """The first characters a regular expression matches literally (escapes undone), up to ``length``."""
+    found = ""
+    at = 0
+    while len(found) < length and at < len(pattern):
+        char = pattern[at]
+        if char == "\\" and at + 1 < len(pattern) and not pattern[at + 1].isalnum():
+            found += pattern[at + 1]
+            at += 2
+        elif char.isalnum() or char in "<>!,;:=/ -_'\"&%#@~`":
+            found += char
+            at += 1
+        else:
+            break
+    return found
