@@ -28,7 +28,7 @@ from backends.spec import ModelSpec, parse_context_size
 from backends.text.cleaning import OutputCleaner
 from backends.text.grammar import CompiledGrammar, GrammarCompiler, SequenceMatcher
 from backends.text.prompting import ChatTemplate, choose_chat_template
-from backends.text.reasoning import ReasoningFormat, after_reasoning, reasoning_format
+from backends.text.reasoning import ReasoningFormat, answer_grammar, reasoning_format
 from backends.weights.progress import LoadProgress
 
 logger = logging.getLogger(__name__)
@@ -369,10 +369,8 @@ class Model(ABC):
         found = reasoning_format(entry, self.template_for(entry).source, text)
         if found is None:
             return self.prepare_text(text, params)
-        if params.grammar is not None or params.reasoning_budget is not None:
-            # The answer is held to the grammar, not the reasoning before it; a budget ends the reasoning.
-            grammar = after_reasoning(params.grammar, found, params.reasoning_budget)
-            params = dataclasses.replace(params, grammar=grammar)
+        # The answer is held to the grammar, not the reasoning before it; a budget ends the reasoning.
+        params = dataclasses.replace(params, grammar=answer_grammar(params.grammar, found, params.reasoning_budget))
         return dataclasses.replace(self.prepare_text(text, params), reasoning=found)
 
     def prepare_text(self, text: str, params: GenerationParams) -> PreparedPrompt:

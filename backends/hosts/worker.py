@@ -19,7 +19,7 @@ from typing import Any
 
 from backends.errors import BackendError, GenerationError
 from backends.model import GenerationOutcome, GenerationParams, Model, PreparedPrompt
-from backends.text.reasoning import ReasoningFormat, after_reasoning
+from backends.text.reasoning import ReasoningFormat, answer_grammar
 
 _END = object()
 
@@ -100,9 +100,7 @@ class ModelWorker:
             try:
                 constraint = None
                 reasoning = ReasoningFormat.of(prompt.get("reasoning"))
-                grammar = params.grammar
-                if reasoning is not None and (grammar is not None or params.reasoning_budget is not None):
-                    grammar = after_reasoning(grammar, reasoning, params.reasoning_budget)  # as Model.prepare
+                grammar = answer_grammar(params.grammar, reasoning, params.reasoning_budget)  # as Model.prepare
                 if grammar is not None:
                     constraint = self.model.grammar_compiler().compile(grammar)
                 prepared = PreparedPrompt(

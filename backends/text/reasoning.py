@@ -194,6 +194,14 @@ def split_reasoning(text: str, format: ReasoningFormat) -> tuple[str, str]:
     return parser.reasoning, parser.content
 
 
+def answer_grammar(grammar: str | None, format: ReasoningFormat | None, budget: int | None) -> str | None:
+    """The grammar a prompt's generation follows: ``grammar`` as it is where the output has no reasoning, else
+    held to the answer after it (``after_reasoning``), also where only a budget asks for one."""
+    if format is None or (grammar is None and budget is None):
+        return grammar
+    return after_reasoning(grammar, format, budget)
+
+
 def after_reasoning(grammar: str | None, format: ReasoningFormat, budget: int | None = None) -> str:
     """A grammar (llguidance's: lark text, or a serialized grammar such as a JSON Schema's) for the reasoning and
     then the answer: free text without the end marker, the marker, then ``grammar`` (None: free text). With a
