@@ -124,11 +124,8 @@ class ModelManager:
             self.registry.resolve(name)  # 404: its model serves only the requests it had when it was deleted
         if slot is None:  # a name resolved once stays resolved until its entry is edited (registry_changed)
             spec = self.registry.resolve(name)
-            remote = backend_of(spec).remote
-            key = load_key(spec, remote)
-            shared = next(
-                (s for s in self.distinct_slots() if s.key == key and not (s.entry_changed or s.entry_deleted)), None
-            )
+            key = load_key(spec, backend_of(spec).remote)
+            shared = self._slot_loading(key)
             if shared is not None:
                 shared.variants[name] = spec
                 slot = self._slots[name] = shared
@@ -162,8 +159,13 @@ class ModelManager:
             spec = self.registry.resolve(name)
         except BackendError:
             return None
-        key = load_key(spec, backend_of(spec).remote)
-        return next((s for s in self.distinct_slots() if s.key == key and not s.entry_changed), None)
+        return self._slot_loading(load_key(spec, backend_of(spec).remote))
+
+    def _slot_loading(self, key: str) -> ModelSlot | None:
+        """The slot whose model an entry with this load key shares, if one is in use (and still its entry's)."""
+        return next(
+            (s for s in self.distinct_slots() if s.key == key and not (s.entry_changed or s.entry_deleted)), None
+        )
 
     def loaded(self, name: str) -> Model | None:
         """The model loaded for a registry name, if any; loads nothing."""
