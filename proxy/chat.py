@@ -8,7 +8,7 @@ from typing import Any
 
 from backends import GenerationParams, Model, PreparedPrompt
 from backends.model import TokenLogprob as BackendTokenLogprob
-from backends.text.reasoning import ReasoningParser
+from backends.text.reasoning import ReasoningFormat, ReasoningParser, split_reasoning
 from backends.text.tools import CallStart, Content, Piece, ToolCallParser
 from proxy.constraints import Function, ToolChoice, constraint
 from proxy.errors import APIError
@@ -129,12 +129,16 @@ def refuse_unsupported(request: ChatCompletionRequest) -> None:
             )
 
 
+def split_format(request: ChatCompletionRequest, choice: GeneratedChoice) -> ReasoningFormat | None:
+    """How the choice's reasoning is told apart from its answer, where its output has reasoning and the request
+    does not want the raw text (``reasoning_format: "none"``)."""
+    return None if request.reasoning_format == "none" else choice.prompt.reasoning
+
+
 def reasoning_parser(request: ChatCompletionRequest, choice: GeneratedChoice) -> ReasoningParser | None:
-    """A reader of the reasoning before the answer, where the prompt's output has one and the request does not
-    want the raw text (``reasoning_format: "none"``)."""
-    if choice.prompt.reasoning is None or request.reasoning_format == "none":
-        return None
-    return ReasoningParser(choice.prompt.reasoning)
+    """A reader of a streamed choice's reasoning before its answer, where it is split (``split_format``)."""
+    found = split_format(request, choice)
+    return ReasoningParser(found) if found is not None else None
 
 
 def calls_tools(request: ChatCompletionRequest) -> bool:
@@ -237,12 +241,9 @@ class ChatCompletionService(OpenAIServing[ChatCompletionRequest, Messages, ChatC
     def _choice(self, request: ChatCompletionRequest, choice: GeneratedChoice) -> Choice:
         message = ChatCompletionMessage(content=choice.text)
         answer = choice.text
-        reasoner = reasoning_parser(request, choice)
-        if reasoner is not None:
-            reasoner.feed(choice.text)
-            reasoner.finish()
-            answer = message.content = reasoner.content
-            message.reasoning_content = message.reasoning = reasoner.reasoning
+        if (found := split_format(request, choice)) is not None:
+            reasoning, answer = split_reasoning(choice.text, found)
+            message.content, message.reasoning_content, message.reasoning = answer, reasoning, reasoning
         if calls_tools(request):
             parser = ToolCallParser()
             parser.feed(answer)
